@@ -1,0 +1,41 @@
+"""tfos-magic: `%%spark_etl` + `%%tf_train` train TensorFlow on the notebook's Spark cluster.
+
+Load it with `%load_ext tfos_magic`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from .errors import JobFailed, TfosError
+from .job import Job, JobStore
+
+__version__ = "0.1.0"
+__all__ = ["Job", "JobFailed", "TfosError", "get_job", "list_jobs", "load_ipython_extension"]
+
+
+def get_job(name: str, home: str | None = None) -> Job:
+    """The stored job `name`, readable from any process."""
+    return Job(name, JobStore(home))
+
+
+def list_jobs(home: str | None = None) -> list[str]:
+    return JobStore(home).names()
+
+
+def _show_error(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: int | None = None) -> Any:
+    """A TfosError is a message for the user, not a crash: show it without the stack."""
+    return shell.showtraceback((etype, value, tb), exception_only=True)
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    # The workers run legacy tf.keras (Keras 3 lacks multi-worker and PS support);
+    # the kernel should match so load_model() and user code see the same tf.keras.
+    if "tensorflow" not in sys.modules:
+        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    from .magics import TfosMagics
+
+    ipython.register_magics(TfosMagics(ipython))
+    ipython.set_custom_exc((TfosError,), _show_error)

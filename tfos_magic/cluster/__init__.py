@@ -1,0 +1,1 @@
+"""Starting the TF cluster on Spark: barrier tasks that feed TF worker processes."""

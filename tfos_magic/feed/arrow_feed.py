@@ -1,0 +1,191 @@
+"""Executor side: one worker's Arrow stream into tf.data.
+
+The first pass reads the Arrow IPC stream from the Spark task as it arrives and
+spills each batch to a local Arrow IPC file; later passes (epochs) memory-map the
+spill instead of asking Spark again. Memory holds a few Arrow batches at a time.
+Each Arrow batch becomes numpy arrays with no per-row Python, and `rebatch` in
+tf.data cuts them to the batch size.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, BinaryIO, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .columns import SPLIT_COLUMN, ColumnSpec, FeedSpec
+
+
+class FeedError(ValueError):
+    """Bad data found while streaming (nulls, ragged arrays); the message names the column."""
+
+
+def array_lengths(batch: pa.RecordBatch, spec: FeedSpec) -> dict[str, int]:
+    """Length of each array column, checked to be the same on every row of `batch`."""
+    out = {}
+    for c in spec.features + ([spec.label] if spec.label else []):
+        if not c.is_array:
+            continue
+        lengths = pc.list_value_length(batch.column(c.name))
+        lo, hi = pc.min_max(lengths).values()
+        if lo.as_py() != hi.as_py():
+            raise FeedError(
+                f"Array column {c.name!r} has rows of different lengths ({lo} to {hi}). "
+                "Only fixed-length arrays can be fed; pad or truncate them in the %%spark_etl cell."
+            )
+        if lo.as_py() is not None:
+            out[c.name] = int(lo.as_py())
+    return out
+
+
+class ArrowFeed:
+    """Turns one worker's Arrow IPC stream into re-iterable tf.data datasets."""
+
+    def __init__(self, source: BinaryIO, spec: FeedSpec, spill_dir: str) -> None:
+        self.spec = spec
+        self._source = source
+        self._reader: pa.ipc.RecordBatchStreamReader | None = None
+        self._lock = threading.Lock()
+        self._done = False
+        self._first_pass_taken = False
+        self._spill_paths = {"train": os.path.join(spill_dir, "train.arrows"),
+                             "validation": os.path.join(spill_dir, "validation.arrows")}
+        self._writers: dict[str, pa.ipc.RecordBatchStreamWriter] = {}
+        self.rows = {"train": 0, "validation": 0}
+        self.rows_delivered = 0  # rows handed to tf.data, all passes
+
+    # --- reading the stream -------------------------------------------
+    def _write_spill(self, split: str, batch: pa.RecordBatch) -> None:
+        writer = self._writers.get(split)
+        if writer is None:
+            writer = self._writers[split] = pa.ipc.new_stream(self._spill_paths[split], batch.schema)
+        writer.write_batch(batch)
+        self.rows[split] += batch.num_rows
+
+    def _read_one(self) -> pa.RecordBatch | None:
+        """Next train batch off the stream (spilled on the way); None at the end. Lock held."""
+        if self._done:
+            return None
+        if self._reader is None:
+            try:
+                self._reader = pa.ipc.open_stream(self._source)
+            except pa.ArrowInvalid:
+                if self._source.read(1):  # not just an empty partition: a real error
+                    raise
+                self._done = True
+                return None
+        try:
+            batch = self._reader.read_next_batch()
+        except StopIteration:
+            self._done = True
+            for w in self._writers.values():
+                w.close()
+            return None
+        self._check(batch)
+        if self.spec.has_validation:
+            is_val = pc.equal(batch.column(SPLIT_COLUMN), 1)
+            val = batch.filter(is_val).drop_columns([SPLIT_COLUMN])
+            batch = batch.filter(pc.invert(is_val)).drop_columns([SPLIT_COLUMN])
+            if val.num_rows:
+                self._write_spill("validation", val)
+        if batch.num_rows:
+            self._write_spill("train", batch)
+        return batch
+
+    def _check(self, batch: pa.RecordBatch) -> None:
+        for c in self.spec.features + ([self.spec.label] if self.spec.label else []):
+            col = batch.column(c.name)
+            nulls = col.null_count + (col.flatten().null_count if c.is_array else 0)
+            if nulls:
+                role = "label" if c is self.spec.label else "feature"
+                fix = "" if role == "label" else " or pass --fillna VALUE to %%tf_train"
+                raise FeedError(
+                    f"The {role} column {c.name!r} has null values (found {nulls} in one batch). "
+                    f"Drop or fill them in the %%spark_etl cell (df.dropna / df.na.fill){fix}."
+                )
+        lengths = array_lengths(batch, self.spec)
+        for name, n in lengths.items():
+            want = self.spec.array_lengths.get(name)
+            if want is not None and n != want:
+                raise FeedError(f"Array column {name!r} has length {n} here but {want} elsewhere; "
+                                "only fixed-length arrays can be fed.")
+
+    def drain(self) -> None:
+        """Read the rest of the stream into the spill (needed before validation or a new pass)."""
+        with self._lock:
+            while self._read_one() is not None:
+                pass
+
+    def _spilled(self, split: str) -> Iterator[pa.RecordBatch]:
+        path = self._spill_paths[split]
+        if not os.path.exists(path):
+            return
+        with pa.memory_map(path) as source:
+            yield from pa.ipc.open_stream(source)
+
+    def batches(self, split: str = "train") -> Iterator[pa.RecordBatch]:
+        """One pass: the live stream the first time, the local spill afterwards."""
+        if split == "train" and not self._first_pass_taken:
+            self._first_pass_taken = True
+            while True:
+                with self._lock:
+                    batch = self._read_one()
+                if batch is None:
+                    return
+                if batch.num_rows:
+                    yield batch
+        else:
+            self.drain()
+            yield from self._spilled(split)
+
+    # --- to numpy and tf.data -----------------------------------------
+    def _column(self, batch: pa.RecordBatch, c: ColumnSpec) -> np.ndarray:
+        col = batch.column(c.name)
+        if c.is_array:
+            n = self.spec.array_lengths[c.name]
+            return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, n).astype(c.dtype, copy=False)
+        return col.to_numpy(zero_copy_only=False).astype(c.dtype, copy=False)
+
+    def to_numpy(self, batch: pa.RecordBatch) -> Any:
+        if self.spec.inputs == "matrix":
+            cols = [self._column(batch, c) for c in self.spec.features]
+            x: Any = np.column_stack(cols) if cols else np.zeros((batch.num_rows, 0), np.float32)
+        else:
+            x = {c.name: self._column(batch, c) for c in self.spec.features}
+        if self.spec.label is None:
+            return x
+        return x, self._column(batch, self.spec.label)
+
+    def element_spec(self) -> Any:
+        import tensorflow as tf
+
+        def spec_of(c: ColumnSpec) -> "tf.TensorSpec":
+            shape = (None, self.spec.array_lengths[c.name]) if c.is_array else (None,)
+            return tf.TensorSpec(shape, tf.as_dtype(c.dtype), name=c.name)
+
+        if self.spec.inputs == "matrix":
+            width = sum(self.spec.array_lengths[c.name] if c.is_array else 1 for c in self.spec.features)
+            x: Any = tf.TensorSpec((None, width), tf.float32)
+        else:
+            x = {c.name: spec_of(c) for c in self.spec.features}
+        return x if self.spec.label is None else (x, spec_of(self.spec.label))
+
+    def dataset(self, batch_size: int, split: str = "train"):
+        """A tf.data.Dataset of this worker's rows, `batch_size` rows a step, re-iterable per epoch."""
+        import tensorflow as tf
+
+        def generate():
+            for batch in self.batches(split):
+                self.rows_delivered += batch.num_rows
+                yield self.to_numpy(batch)
+
+        ds = tf.data.Dataset.from_generator(generate, output_signature=self.element_spec())
+        ds = ds.rebatch(batch_size).prefetch(tf.data.AUTOTUNE)
+        options = tf.data.Options()
+        # Each worker already holds only its own partition: never shard it again.
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return ds.with_options(options)

@@ -1,0 +1,86 @@
+"""The read side of a job: what `tfos_magic.get_job(name)` returns.
+
+Everything is derived from the store on each access, so a Job is valid in another
+process or after a kernel restart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import TfosError
+from .spec import JobSpec
+from .store import JobStore
+
+MODEL_FILE = "model.keras"
+
+
+class Job:
+    def __init__(self, name: str, store: JobStore | None = None) -> None:
+        self.store = store or JobStore()
+        self.name = name
+        self.spec: JobSpec = self.store.load_spec(name)
+
+    def __repr__(self) -> str:
+        return f"<Job {self.name!r} state={self.state!r} epochs={len(self.history)}>"
+
+    @property
+    def dir(self) -> str:
+        return str(self.store.job_dir(self.name))
+
+    @property
+    def _state(self) -> dict[str, Any]:
+        return self.store.read_state(self.name) or {}
+
+    @property
+    def state(self) -> str:
+        return self._state.get("state", "registered")
+
+    @property
+    def error(self) -> str | None:
+        return self._state.get("error")
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self._state.get("checkpoint_dir") or self.spec.options.checkpoint_dir or \
+            self.store.default_checkpoint_dir(self.name)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One dict per epoch from the chief worker; a resumed run overrides epochs it redid."""
+        by_epoch: dict[int, dict[str, Any]] = {}
+        for e in self.store.events(self.name):
+            if e.get("kind") == "epoch" and e.get("worker", 0) == 0:
+                row = {"epoch": e["epoch"], **e.get("metrics", {})}
+                by_epoch[int(e["epoch"])] = row
+        return [by_epoch[k] for k in sorted(by_epoch)]
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return list(self.store.events(self.name))
+
+    @property
+    def latest_checkpoint(self) -> str | None:
+        latest = None
+        for e in self.store.events(self.name):
+            if e.get("kind") == "checkpoint":
+                latest = e.get("path")
+        return latest
+
+    @property
+    def model_path(self) -> str:
+        return self._state.get("model_path") or f"{self.checkpoint_dir.rstrip('/')}/{MODEL_FILE}"
+
+    def load_model(self):
+        """Load the trained tf.keras model in the driver (legacy Keras, as the workers used)."""
+        import tensorflow as tf
+        import tf_keras
+
+        path = self.model_path
+        if not tf.io.gfile.exists(path):
+            raise TfosError(
+                f"Job {self.name!r} has no saved model at {path} (state: {self.state}). "
+                "A model is saved when a build_model() job finishes, or when train(ctx) "
+                "returns its tf.keras model."
+            )
+        return tf_keras.models.load_model(path)

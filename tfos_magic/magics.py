@@ -1,0 +1,155 @@
+"""The user surface: `%%spark_etl`, `%%tf_train` and `%tfos_jobs`.
+
+Thin on purpose: parse the line, keep the job's DataFrame, store the spec, and hand
+the job to the launcher.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from .errors import TfosError
+from .job import Job, JobSpec, JobStore, TrainOptions
+from .job.store import check_name
+from .runtime.user_code import check_train_source, run_cell
+from .session import get_spark
+
+_DEFAULTS = TrainOptions()
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+@magics_class
+class TfosMagics(Magics):
+    def __init__(self, shell: Any, store: JobStore | None = None) -> None:
+        super().__init__(shell)
+        self.store = store or JobStore()
+        self.frames: dict[str, Any] = {}  # job name -> DataFrame, for this kernel's life
+
+    # ------------------------------------------------------------------
+    @magic_arguments()
+    @argument("job", help="job name (letters, digits, '_', '-', '.')")
+    @argument("--df", metavar="NAME", help="take the DataFrame from this variable, not the last expression")
+    @cell_magic
+    def spark_etl(self, line: str, cell: str) -> None:
+        """Build the job's Spark DataFrame; `spark` is the notebook's SparkSession."""
+        args = parse_argstring(self.spark_etl, line)
+        name = check_name(args.job)
+        from pyspark.sql import DataFrame
+
+        ns = self.shell.user_ns
+        spark = get_spark(ns)
+        value = run_cell(cell, name, ns, kind="spark_etl")
+        if args.df:
+            if args.df not in ns:
+                raise TfosError(f"--df {args.df}: the cell defined no variable {args.df!r}.")
+            value = ns[args.df]
+        if not isinstance(value, DataFrame):
+            got = "nothing" if value is None else f"a {type(value).__name__}"
+            raise TfosError(
+                f"The %%spark_etl cell of job {name!r} must produce a Spark DataFrame, but it produced "
+                f"{got}. End the cell with the DataFrame as its last line, or pass --df VARIABLE."
+            )
+        spec = self.store.load_spec(name) if self.store.exists(name) else JobSpec(name)
+        spec.etl_source, spec.etl_df_var = cell, args.df
+        self.store.save_spec(spec)
+        self.frames[name] = value
+        print(f"tfos job {name!r}: DataFrame registered ({value.rdd.getNumPartitions()} partitions, "
+              f"Spark {spark.version})")
+        print(value.schema.treeString().rstrip())
+
+    # ------------------------------------------------------------------
+    @magic_arguments()
+    @argument("job")
+    @argument("--workers", type=int, default=_DEFAULTS.workers, help="TF workers = Spark barrier tasks")
+    @argument("--epochs", type=int, default=_DEFAULTS.epochs, help="train until this many epochs in total")
+    @argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="rows per step on each worker")
+    @argument("--label", help="label column (needed by build_model)")
+    @argument("--features", help="comma-separated feature columns (default: all but the label)")
+    @argument("--inputs", default="auto", choices=["auto", "matrix", "dict"],
+              help="features as one float32 matrix, or a dict of named tensors (auto: matrix if all scalar floats)")
+    @argument("--validation-df", metavar="NAME", help="variable holding a validation DataFrame")
+    @argument("--checkpoint-dir", help="any tf.io.gfile path (default: the job's directory)")
+    @argument("--checkpoint-every-steps", type=int, default=0, help="also checkpoint every N global steps")
+    @argument("--restart", action="store_true", help="ignore and delete earlier checkpoints")
+    @argument("--fillna", type=float, help="replace nulls in scalar feature columns with this value")
+    @argument("--strategy", default="allreduce", choices=["allreduce"], help="distribution strategy")
+    @argument("--start-timeout", type=float, default=_DEFAULTS.start_timeout,
+              help="seconds for all TF workers to start once their Spark stage runs")
+    @cell_magic
+    def tf_train(self, line: str, cell: str) -> Job:
+        """Train on the job's DataFrame with build_model() (Keras fit) or train(ctx); blocks until done."""
+        args = parse_argstring(self.tf_train, line)
+        name = check_name(args.job)
+        if not self.store.exists(name) or name not in self.frames:
+            raise TfosError(
+                f"Job {name!r} has no DataFrame in this kernel. Run a `%%spark_etl {name}` cell first "
+                "(it registers the DataFrame the job trains on)."
+            )
+        for flag, value in (("--workers", args.workers), ("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+            if value < 1:
+                raise TfosError(f"{flag} must be at least 1, not {value}.")
+        check_train_source(cell, name)
+        validation = self._validation_frame(args.validation_df)
+        spec = self.store.load_spec(name)
+        spec.train_source = cell
+        spec.options = TrainOptions(
+            workers=args.workers, epochs=args.epochs, batch_size=args.batch_size, label=args.label,
+            features=_csv(args.features), validation_df=args.validation_df,
+            checkpoint_dir=args.checkpoint_dir, checkpoint_every_steps=args.checkpoint_every_steps,
+            restart=args.restart, fillna=args.fillna, inputs=args.inputs, strategy=args.strategy,
+            start_timeout=args.start_timeout,
+        )
+        self.store.save_spec(spec)
+        from .cluster.launcher import launch
+
+        t0 = time.time()
+        launch(get_spark(self.shell.user_ns), spec, self.frames[name], self.store, validation)
+        job = Job(name, self.store)
+        print(summary(job, time.time() - t0))
+        return None  # the summary is printed; get_job(name) gives the Job
+
+    def _validation_frame(self, var: str | None):
+        if var is None:
+            return None
+        from pyspark.sql import DataFrame
+
+        value = self.shell.user_ns.get(var, self.frames.get(var))
+        if not isinstance(value, DataFrame):
+            raise TfosError(f"--validation-df {var}: no Spark DataFrame named {var!r} in the notebook "
+                            "(or registered job of that name).")
+        return value
+
+    # ------------------------------------------------------------------
+    @line_magic
+    def tfos_jobs(self, line: str = "") -> None:
+        """List the jobs in the store with their state and last metrics."""
+        names = self.store.names()
+        if not names:
+            print(f"No tfos jobs in {self.store.jobs_dir}.")
+            return
+        print(f"{'job':24} {'state':10} {'epochs':>6}  last metrics")
+        for n in names:
+            job = Job(n, self.store)
+            hist = job.history
+            last = ", ".join(f"{k}={v:.4g}" for k, v in hist[-1].items()
+                             if k != "epoch" and isinstance(v, (int, float))) if hist else ""
+            print(f"{n:24} {job.state:10} {len(hist):>6}  {last}")
+
+
+def summary(job: Job, elapsed: float) -> str:
+    hist = job.history
+    lines = [f"tfos job {job.name!r} {job.state} in {elapsed:.1f}s: {len(hist)} epoch(s)"]
+    if hist:
+        first, last = hist[0], hist[-1]
+        keys = [k for k in last if k not in ("epoch", "rows_per_s") and isinstance(last[k], (int, float))]
+        lines.append("  " + ", ".join(f"{k} {first.get(k, float('nan')):.4g} -> {last[k]:.4g}" for k in keys))
+    if job.latest_checkpoint:
+        lines.append(f"  latest checkpoint: {job.latest_checkpoint}")
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""A small authenticated channel from executor processes to the driver.
+
+Protocol (JSON lines over TCP): the client's first line is
+``{"v": 1, "job": NAME, "token": SECRET}``; the server answers ``{"ok": true}`` or
+``{"ok": false, "error": ...}`` and closes. After a good hello every line is one
+metric event. Each job run gets a fresh random token, so a stray or stale process
+cannot write into a job.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import secrets
+import socket
+import socketserver
+import sys
+import threading
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[dict[str, Any]], None]
+HELLO_TIMEOUT_S = 10.0
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: "_Server"
+
+    def handle(self) -> None:
+        self.connection.settimeout(HELLO_TIMEOUT_S)
+        try:
+            hello = json.loads(self.rfile.readline(65536) or b"null")
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+            hello = None
+        sink = self.server.owner.authenticate(hello)
+        if sink is None:
+            self._reply({"ok": False, "error": "unknown job or bad token"})
+            return
+        self._reply({"ok": True})
+        self.connection.settimeout(None)
+        for line in self.rfile:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(event, dict):
+                try:
+                    sink(event)
+                except Exception:  # a broken sink must not kill the channel
+                    log.exception("metric sink failed")
+
+    def _reply(self, msg: dict[str, Any]) -> None:
+        self.wfile.write((json.dumps(msg) + "\n").encode())
+        self.wfile.flush()
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, owner: "DriverChannel", host: str) -> None:
+        self.owner = owner
+        super().__init__((host, 0), _Handler)
+
+
+class DriverChannel:
+    """Receives events for registered jobs; one per driver process, started on first use."""
+
+    _instance: "DriverChannel | None" = None
+    _lock = threading.Lock()
+
+    def __init__(self, bind_host: str = "0.0.0.0") -> None:
+        self._jobs: dict[str, tuple[str, Sink]] = {}
+        self._server = _Server(self, bind_host)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="tfos-channel", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def get(cls) -> "DriverChannel":
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def register(self, job: str, sink: Sink) -> str:
+        """Accept events for `job` with a fresh secret token, which is returned."""
+        token = secrets.token_hex(16)
+        self._jobs[job] = (token, sink)
+        return token
+
+    def unregister(self, job: str) -> None:
+        self._jobs.pop(job, None)
+
+    def authenticate(self, hello: Any) -> Sink | None:
+        if not isinstance(hello, dict) or hello.get("v") != 1:
+            return None
+        entry = self._jobs.get(str(hello.get("job")))
+        token = hello.get("token")
+        if entry is None or not isinstance(token, str):
+            return None
+        return entry[1] if hmac.compare_digest(entry[0], token) else None
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class ChannelClient:
+    """Executor side. Best effort: lost metrics must never stop training."""
+
+    def __init__(self, address: str, job: str, token: str, timeout: float = 10.0) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        host, port = address.rsplit(":", 1)
+        try:
+            sock = socket.create_connection((host, int(port)), timeout=timeout)
+            sock.sendall((json.dumps({"v": 1, "job": job, "token": token}) + "\n").encode())
+            reply = json.loads(sock.makefile("rb").readline() or b"null")
+            if not (isinstance(reply, dict) and reply.get("ok")):
+                raise ConnectionRefusedError(f"driver refused the metrics channel: {reply}")
+            sock.settimeout(timeout)
+            self._sock = sock
+        except (OSError, ValueError) as exc:
+            print(f"tfos: metrics channel to {address} unavailable ({exc}); "
+                  "training continues without live metrics", file=sys.stderr)
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def send(self, event: dict[str, Any]) -> None:
+        if self._sock is None:
+            return
+        data = (json.dumps(event) + "\n").encode()
+        with self._lock:
+            try:
+                self._sock.sendall(data)
+            except OSError as exc:
+                print(f"tfos: metrics channel lost ({exc})", file=sys.stderr)
+                self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None

@@ -1,0 +1,34 @@
+"""Metric events: the public, versioned format of metrics.jsonl (docs/metrics.md).
+
+Every event is a flat JSON object with "v", "time", "kind" and "worker"; the kinds are
+started, training, step, epoch, checkpoint, model, error and finished.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+EVENT_VERSION = 1
+KINDS = ("started", "training", "step", "epoch", "checkpoint", "model", "error", "finished")
+
+
+def _plain(value: Any) -> Any:
+    """Numbers from numpy/TF become plain floats; NaN/inf become None (valid JSON)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def make_event(kind: str, worker: int, **fields: Any) -> dict[str, Any]:
+    if kind not in KINDS:
+        raise ValueError(f"unknown event kind {kind!r}")
+    event = {"v": EVENT_VERSION, "time": time.time(), "kind": kind, "worker": worker}
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            value = {k: _plain(v) for k, v in value.items()}
+        event[key] = _plain(value)
+    return event

@@ -1,0 +1,1 @@
+"""What runs inside an executor: the TF child process, its context and callbacks."""

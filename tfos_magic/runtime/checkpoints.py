@@ -1,0 +1,63 @@
+"""Checkpoints in the job's checkpoint dir, any path tf.io.gfile handles.
+
+Under MultiWorkerMirroredStrategy every worker must take part in a save, but only the
+chief's copy is kept: the others write to a private temp dir that is thrown away.
+Checkpoints are numbered by global step, and the number of finished epochs is saved
+with them, so a restart resumes at the saved step and epoch.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from typing import Any, Callable
+
+import tensorflow as tf
+
+Notify = Callable[[str, int, int], None]
+
+
+def clear(directory: str) -> None:
+    """Remove this project's checkpoint files (for --restart), leaving anything else alone."""
+    if not tf.io.gfile.isdir(directory):
+        return
+    for name in tf.io.gfile.listdir(directory):
+        if name.startswith("ckpt-") or name in ("checkpoint", "model.keras"):
+            path = f"{directory.rstrip('/')}/{name}"
+            if tf.io.gfile.isdir(path):
+                tf.io.gfile.rmtree(path)
+            else:
+                tf.io.gfile.remove(path)
+
+
+class Checkpointer:
+    def __init__(self, directory: str, is_chief: bool, notify: Notify | None = None,
+                 max_to_keep: int = 3, **objects: Any) -> None:
+        self.directory = directory
+        self.is_chief = is_chief
+        self._notify = notify
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="tfos_epoch")
+        self.checkpoint = tf.train.Checkpoint(tfos_epoch=self.epoch, **objects)
+        self._tmp = None if is_chief else tempfile.mkdtemp(prefix="tfos-ckpt-")
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, directory if is_chief else self._tmp,
+            max_to_keep=max_to_keep, checkpoint_name="ckpt")
+
+    def restore(self) -> str | None:
+        """Load the latest checkpoint of the shared dir, if any; return its path."""
+        latest = tf.train.latest_checkpoint(self.directory)
+        if latest:
+            self.checkpoint.restore(latest).expect_partial()
+        return latest
+
+    def save(self, step: int, epoch: int | None = None) -> str:
+        if epoch is not None:
+            self.epoch.assign(epoch)
+        path = self.manager.save(checkpoint_number=step)
+        if self.is_chief and self._notify is not None:
+            self._notify(path, int(step), int(self.epoch.numpy()))
+        return path
+
+    def close(self) -> None:
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)

@@ -1,0 +1,113 @@
+"""The TF worker process: one per Spark task, fresh each time.
+
+TF's collective runtime is set up once per process and Spark reuses its Python
+workers, so TF never runs in the Spark worker itself. This process reads its Arrow
+stream on stdin, runs the user's cell, and leaves a result file for the feeding task.
+Usage: python -m tfos_magic.runtime.child CONFIG.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import traceback
+from typing import Any
+
+
+_ROOT_ERROR = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Failed)): (.+)$", re.M)
+
+
+def _fail_result(exc: BaseException) -> dict[str, Any]:
+    """One readable line for the user; the full traceback stays in the result and the log."""
+    from ..errors import TfosError
+    from ..feed.arrow_feed import FeedError
+
+    if isinstance(exc, (TfosError, FeedError)):
+        message = str(exc)
+    else:
+        text = str(exc)
+        # A Python error raised inside tf.data comes back wrapped in a TF OpError; dig it out.
+        inner = [m for m in _ROOT_ERROR.finditer(text) if m.group(1) not in ("Error", "InvalidArgumentError")]
+        if inner and "Graph execution error" in text:
+            name, detail = inner[-1].group(1), inner[-1].group(2)
+            message = detail if name in ("FeedError", "TfosError") else f"{name}: {detail}"
+        else:
+            message = f"{type(exc).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = next((f for f in reversed(frames) if f.filename.startswith("<%%")), None)
+        if where:
+            message += f" (cell line {where.lineno}: {where.line})"
+    return {"status": "error", "error": message, "traceback": traceback.format_exc()}
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    from ..feed.arrow_feed import ArrowFeed
+    from ..feed.columns import FeedSpec
+    from ..monitor import ChannelClient, make_event
+    from . import user_code
+
+    index = cfg["worker_index"]
+    channel = ChannelClient(cfg["channel_address"], cfg["job"], cfg["token"])
+    channel.send(make_event("started", index, pid=os.getpid()))
+    namespace: dict[str, Any] = {"__name__": "__tfos_train__"}
+    ctx = None
+    result: dict[str, Any] = {"status": "ok"}
+    try:
+        import tensorflow as tf
+
+        from . import checkpoints, keras_fit
+        from .context import TrainContext
+
+        user_code.run_cell(cfg["train_source"], cfg["job"], namespace)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        feed = ArrowFeed(sys.stdin.buffer, FeedSpec.from_dict(cfg["feed"]), cfg["spill_dir"])
+        opts = cfg["options"]
+        ctx = TrainContext(job=cfg["job"], strategy=strategy, feed=feed, worker_index=index,
+                           num_workers=cfg["num_workers"], checkpoint_dir=cfg["checkpoint_dir"],
+                           options=opts, channel=channel)
+        if opts.get("restart") and ctx.is_chief:
+            checkpoints.clear(ctx.checkpoint_dir)
+        if "build_model" in namespace:
+            model = keras_fit.fit(namespace["build_model"], ctx, restart=bool(opts.get("restart")))
+        else:
+            model = namespace["train"](ctx)
+            feed.drain()
+        if isinstance(model, tf.keras.Model):
+            keras_fit.save_model(model, ctx)
+        result["rows"] = feed.rows
+    except BaseException as exc:  # noqa: BLE001 - everything must reach the driver
+        result = _fail_result(exc)
+        traceback.print_exc()
+        channel.send(make_event("error", index, message=result["error"]))
+    finally:
+        shutdown = namespace.get("shutdown")
+        if callable(shutdown):
+            try:
+                shutdown()
+            except Exception as exc:  # noqa: BLE001
+                print(f"tfos: shutdown() failed: {exc!r}", file=sys.stderr)
+        if ctx is not None:
+            ctx.close()
+        channel.send(make_event("finished", index, status=result["status"]))
+        channel.close()
+    return result
+
+
+def main(argv: list[str]) -> int:
+    with open(argv[1]) as f:
+        cfg = json.load(f)
+    result = run(cfg)
+    tmp = cfg["result_path"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, cfg["result_path"])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # TF's runtime threads can keep a finished process alive; the result is written, so go.
+    os._exit(0 if result["status"] == "ok" else 1)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

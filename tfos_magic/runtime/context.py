@@ -1,0 +1,86 @@
+"""`ctx`, what a low-level `train(ctx)` gets, and what the Keras path uses underneath."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..feed.arrow_feed import ArrowFeed
+from ..monitor import ChannelClient, make_event
+from .checkpoints import Checkpointer
+
+
+class TrainContext:
+    """One worker's view of the job: its data, strategy, checkpoints and metric reporting."""
+
+    def __init__(self, *, job: str, strategy: Any, feed: ArrowFeed, worker_index: int,
+                 num_workers: int, checkpoint_dir: str, options: dict[str, Any],
+                 channel: ChannelClient) -> None:
+        self.job = job
+        self.strategy = strategy
+        self.feed = feed
+        self.worker_index = worker_index
+        self.num_workers = num_workers
+        self.checkpoint_dir = checkpoint_dir
+        self.options = options
+        self.epochs: int = options["epochs"]
+        self.batch_size: int = options["batch_size"]
+        self._channel = channel
+        self._checkpointers: list[Checkpointer] = []
+
+    @property
+    def is_chief(self) -> bool:
+        return self.worker_index == 0
+
+    def dataset(self, batch_size: int | None = None):
+        """This worker's rows as a tf.data.Dataset, streamed from its Spark partitions."""
+        return self.feed.dataset(batch_size or self.batch_size)
+
+    def validation_dataset(self, batch_size: int | None = None):
+        """This worker's share of --validation-df, or None without one."""
+        if not self.feed.spec.has_validation:
+            return None
+        return self.feed.dataset(batch_size or self.batch_size, split="validation")
+
+    def distributed_dataset(self, batch_size: int | None = None, split: str = "train"):
+        """The dataset distributed over this worker's replicas (per-replica batch = batch_size)."""
+        return self.strategy.distribute_datasets_from_function(
+            lambda _ctx: self.feed.dataset(batch_size or self.batch_size, split=split))
+
+    def checkpoint(self, **objects: Any) -> Checkpointer:
+        """A Checkpointer for `objects` in the job's checkpoint dir; call .restore() then .save(step)."""
+        ckpt = Checkpointer(self.checkpoint_dir, self.is_chief, notify=self._checkpoint_saved, **objects)
+        self._checkpointers.append(ckpt)
+        return ckpt
+
+    def _checkpoint_saved(self, path: str, step: int, epoch: int) -> None:
+        self.send("checkpoint", path=path, step=step, epoch=epoch)
+
+    def report(self, step: int | None = None, epoch: int | None = None, **metrics: Any) -> None:
+        """Send metrics to the notebook: with `epoch` they form one row of Job.history."""
+        if epoch is not None:
+            self.send("epoch", epoch=int(epoch), step=step, metrics=metrics)
+        else:
+            self.send("step", step=step, metrics=metrics, rows=self.feed.rows_delivered)
+
+    def send(self, kind: str, **fields: Any) -> None:
+        self._channel.send(make_event(kind, self.worker_index, **fields))
+
+    def close(self) -> None:
+        for ckpt in self._checkpointers:
+            ckpt.close()
+
+
+class Throttle:
+    """True at most once per `interval` seconds: keeps step metrics cheap."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._last = 0.0
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            return True
+        return False

@@ -1,0 +1,90 @@
+"""The high-level path: build the user's model in the strategy scope and run `fit`."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any, Callable
+
+import tensorflow as tf
+
+from ..errors import TfosError
+from .context import Throttle, TrainContext
+
+MODEL_FILE = "model.keras"
+UNBOUNDED_STEPS = 2**31 - 1
+
+
+class TfosCallback(tf.keras.callbacks.Callback):
+    """Reports step and epoch metrics to the driver and checkpoints on schedule."""
+
+    def __init__(self, ctx: TrainContext, ckpt, every_steps: int) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.ckpt = ckpt
+        self.every_steps = every_steps
+        self.throttle = Throttle(1.0)
+        self._rows0 = 0
+        self._t0 = time.monotonic()
+
+    def _step(self) -> int:
+        return int(self.model.optimizer.iterations.numpy())
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._rows0, self._t0 = self.ctx.feed.rows_delivered, time.monotonic()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        step = self._step()
+        if self.every_steps and step % self.every_steps == 0:
+            self.ckpt.save(step)
+        if self.throttle():
+            elapsed = max(time.monotonic() - self._t0, 1e-9)
+            rate = (self.ctx.feed.rows_delivered - self._rows0) / elapsed
+            self.ctx.report(step=step, rows_per_s=rate, **(logs or {}))
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        step = self._step()
+        elapsed = max(time.monotonic() - self._t0, 1e-9)
+        metrics = dict(logs or {})
+        metrics["rows_per_s"] = (self.ctx.feed.rows_delivered - self._rows0) / elapsed
+        self.ctx.report(step=step, epoch=epoch + 1, **metrics)
+        self.ckpt.save(step, epoch=epoch + 1)
+
+
+def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool) -> Any:
+    with ctx.strategy.scope():
+        model = build_model()
+        if not isinstance(model, tf.keras.Model):
+            raise TfosError(f"build_model() must return a tf.keras model, not {type(model).__name__}.")
+        if getattr(model, "optimizer", None) is None:
+            raise TfosError("build_model() must return a compiled model: call model.compile(optimizer=..., "
+                            "loss=...) before returning it.")
+        ckpt = ctx.checkpoint(model=model, optimizer=model.optimizer)
+        restored = None if restart else ckpt.restore()
+        initial_step = int(model.optimizer.iterations.numpy())
+    initial_epoch = int(ckpt.epoch.numpy())
+    ctx.send("training", initial_step=initial_step, initial_epoch=initial_epoch, restored_from=restored)
+    data = ctx.distributed_dataset()
+    val = ctx.distributed_dataset(split="validation") if ctx.feed.spec.has_validation else None
+    callback = TfosCallback(ctx, ckpt, ctx.options.get("checkpoint_every_steps") or 0)
+    for epoch in range(initial_epoch, ctx.epochs):
+        # One fit call per epoch, each a full pass that ends when every worker's data is
+        # exhausted: TF's distributed iterator agrees the end across workers each step, so
+        # uneven or empty partitions cannot hang a collective. The step bound is never reached.
+        model.fit(data, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=UNBOUNDED_STEPS,
+                  validation_data=val, validation_steps=UNBOUNDED_STEPS if val else None,
+                  callbacks=[callback], verbose=0)
+    ctx.feed.drain()  # e.g. already trained to --epochs: let the Spark task finish its partition
+    return model
+
+
+def save_model(model: Any, ctx: TrainContext) -> None:
+    """Every worker saves (saving may run collectives); only the chief's file is kept."""
+    if ctx.is_chief:
+        path = f"{ctx.checkpoint_dir.rstrip('/')}/{MODEL_FILE}"
+        model.save(path)
+        ctx.send("model", path=path)
+        return
+    with tempfile.TemporaryDirectory(prefix="tfos-model-") as tmp:
+        model.save(os.path.join(tmp, MODEL_FILE))

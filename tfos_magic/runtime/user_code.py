@@ -1,0 +1,72 @@
+"""The user's train cell, as source text: checked in the driver, run in the workers.
+
+The filename given to `compile` names the job, so tracebacks and syntax errors point
+at the cell's own line numbers.
+"""
+
+from __future__ import annotations
+
+import ast
+import linecache
+from typing import Any
+
+from ..errors import TfosError
+
+ENTRY_POINTS = ("build_model", "train")
+
+
+def cell_filename(job: str, kind: str = "tf_train") -> str:
+    return f"<%%{kind} {job}>"
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def parse(source: str, job: str, kind: str = "tf_train") -> ast.Module:
+    """Parse a cell, turning a SyntaxError into one message with the cell's line number."""
+    try:
+        return ast.parse(source, filename=cell_filename(job, kind))
+    except SyntaxError as exc:
+        line = (exc.text or "").rstrip()
+        raise TfosError(
+            f"Syntax error in the %%{kind} cell of job {job!r}, line {exc.lineno}: {exc.msg}\n"
+            f"    {line}\nFix the cell and run it again."
+        ) from None
+
+
+def check_train_source(source: str, job: str) -> str:
+    """Return the entry point ('build_model' or 'train') the cell defines, or explain."""
+    names = _top_level_names(parse(source, job))
+    for entry in ENTRY_POINTS:
+        if entry in names:
+            return entry
+    raise TfosError(
+        f"The %%tf_train cell of job {job!r} defines neither build_model() nor train(ctx). "
+        "Define build_model() returning a compiled tf.keras model (the framework runs fit), "
+        "or train(ctx) with your own training loop over ctx.dataset(batch_size)."
+    )
+
+
+def run_cell(source: str, job: str, namespace: dict[str, Any], kind: str = "tf_train") -> Any:
+    """Execute a cell in `namespace`, returning its last expression's value (as IPython does).
+
+    The source is registered with linecache so tracebacks show the cell's own lines.
+    """
+    filename = cell_filename(job, kind)
+    tree = parse(source, job, kind)
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    exec(compile(tree, filename, "exec"), namespace)
+    return eval(compile(last, filename, "eval"), namespace) if last is not None else None

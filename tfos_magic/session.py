@@ -1,0 +1,47 @@
+"""The notebook's SparkSession: the active one, or a local one made for the user."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from .errors import TfosError
+
+
+def get_spark(user_ns: dict[str, Any] | None = None):
+    """Return the active SparkSession, creating `local[*]` if none; bind it as `spark`."""
+    from pyspark import SparkContext
+    from pyspark.sql import SparkSession
+
+    if SparkContext._active_spark_context is not None:
+        spark = SparkSession.builder.getOrCreate()
+    else:
+        spark = _create()
+    if user_ns is not None and not isinstance(user_ns.get("spark"), SparkSession):
+        user_ns["spark"] = spark
+    return spark
+
+
+def _create():
+    from pyspark.sql import SparkSession
+
+    # Executors must run this interpreter, which has pyarrow, TF and tfos_magic.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    master = os.environ.get("TFOS_SPARK_MASTER", "local[*]")
+    try:
+        return (
+            SparkSession.builder.master(master)
+            .appName("tfos-magic")
+            .config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
+            .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+            .config("spark.ui.showConsoleProgress", "false")
+            .getOrCreate()
+        )
+    except Exception as exc:  # noqa: BLE001 - py4j/Java errors have many types
+        raise TfosError(
+            f"Could not start a Spark session (master {master!r}): {str(exc).strip().splitlines()[0]}. "
+            "Spark 4 needs Java 17+ on PATH or JAVA_HOME; for a cluster, set TFOS_SPARK_MASTER to a "
+            "reachable master URL, or create the SparkSession yourself before the %%spark_etl cell."
+        ) from None
