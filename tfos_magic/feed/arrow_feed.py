@@ -129,7 +129,8 @@ class ArrowFeed:
 
     def batches(self, split: str = "train") -> Iterator[pa.RecordBatch]:
         """One pass: the live stream the first time, the local spill afterwards."""
-        if split == "train" and not self._first_pass_taken:
+        untouched = self._reader is None and not self._done
+        if split == "train" and untouched and not self._first_pass_taken:
             self._first_pass_taken = True
             while True:
                 with self._lock:

@@ -1,0 +1,137 @@
+"""The cell magics in a real IPython shell on the shared local[2] Spark session.
+
+Bad input must give one clear error that names the fix, quickly, and lose nothing.
+"""
+
+import os
+import time
+
+import pytest
+from conftest import run
+
+from tfos_magic import JobFailed, TfosError, get_job
+
+ETL = """%%spark_etl {name}
+from pyspark.sql import functions as F
+df = spark.range({rows}).select(F.rand(1).alias("a"), F.rand(2).alias("b"))
+df.withColumn("y", 3 * F.col("a") - 2 * F.col("b") + 0.5)
+"""
+MODEL = """
+import tensorflow as tf
+def build_model():
+    m = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
+    m.compile(optimizer=tf.keras.optimizers.Adam(0.05), loss="mse")
+    return m
+"""
+
+
+def _error(ip, source):
+    _, err = run(ip, source)
+    assert err is not None, "the cell should have failed"
+    return err
+
+
+def test_etl_registers_the_dataframe_without_running_a_job(shell, capsys):
+    jobs_before = len(shell.user_ns["spark"].sparkContext.statusTracker().getJobIdsForGroup())
+    _, err = run(shell, ETL.format(name="ok", rows=100))
+    assert err is None
+    out = capsys.readouterr().out
+    assert "'ok'" in out and "partitions" in out and "|-- y: double" in out
+    assert get_job("ok").state == "registered"
+    assert get_job("ok").spec.etl_source.startswith("from pyspark.sql")
+    assert len(shell.user_ns["spark"].sparkContext.statusTracker().getJobIdsForGroup()) == jobs_before
+
+
+def test_etl_binds_spark_and_takes_df_variable(shell):
+    del shell.user_ns["spark"]
+    _, err = run(shell, "%%spark_etl byvar --df frame\nframe = spark.range(3)\nx = 1\n")
+    assert err is None and "spark" in shell.user_ns
+
+
+def test_etl_that_yields_no_dataframe(shell):
+    err = _error(shell, "%%spark_etl nodf\nx = [1, 2]\nx\n")
+    assert isinstance(err, TfosError)
+    assert "must produce a Spark DataFrame" in str(err) and "a list" in str(err) and "--df" in str(err)
+    assert not os.path.exists(os.path.join(os.environ["TFOS_HOME"], "jobs", "nodf", "spec.json"))
+
+
+def test_job_name_cannot_escape_the_store(shell):
+    err = _error(shell, "%%spark_etl ../x\nspark.range(1)\n")
+    assert isinstance(err, TfosError) and "Invalid job name" in str(err)
+    assert not os.path.exists(os.path.join(os.environ["TFOS_HOME"], "x"))
+
+
+def test_train_without_etl(shell):
+    err = _error(shell, "%%tf_train ghost --label y\n" + MODEL)
+    assert isinstance(err, TfosError) and "%%spark_etl ghost" in str(err)
+
+
+def test_train_cell_without_entry_point_or_with_syntax_error(shell):
+    run(shell, ETL.format(name="src", rows=10))
+    err = _error(shell, "%%tf_train src --label y\nimport tensorflow as tf\nmodel = 1\n")
+    assert isinstance(err, TfosError) and "neither build_model() nor train(ctx)" in str(err)
+    err = _error(shell, "%%tf_train src --label y\nimport tensorflow as tf\ndef build_model(:\n    pass\n")
+    assert isinstance(err, TfosError) and "line 2" in str(err)
+
+
+def test_label_and_feature_column_errors(shell):
+    run(shell, ETL.format(name="cols", rows=10))
+    err = _error(shell, "%%tf_train cols --label rating\n" + MODEL)
+    assert "label column 'rating' is not in the job's DataFrame" in str(err) and "a, b, y" in str(err)
+    err = _error(shell, "%%tf_train cols\n" + MODEL)
+    assert "--label" in str(err)
+    for ddl, kind, hint in [("cast(rand() as string)", "string", "StringIndexer"),
+                            ("map('k', rand())", "map<string,double>", "separate numeric columns"),
+                            ("named_struct('p', rand())", "struct<p:double>", "df.select('col.*')")]:
+        _, err = run(shell, f'%%spark_etl bad\nspark.range(5).selectExpr("rand() as a", "{ddl} as f", "rand() as y")\n')
+        assert err is None, err
+        err = _error(shell, "%%tf_train bad --label y\n" + MODEL)
+        assert isinstance(err, TfosError), err
+        assert "feature column 'f'" in str(err) and kind in str(err) and hint in str(err)
+
+
+def test_more_workers_than_slots_fails_at_once(shell):
+    run(shell, ETL.format(name="slots", rows=10))
+    t0 = time.time()
+    err = _error(shell, "%%tf_train slots --workers 3 --label y\n" + MODEL)
+    assert isinstance(err, TfosError) and "2 task slots" in str(err) and "--workers" in str(err)
+    assert time.time() - t0 < 10
+
+
+def test_unwritable_checkpoint_dir(shell, tmp_path):
+    run(shell, ETL.format(name="ckpt", rows=10))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    err = _error(shell, f"%%tf_train ckpt --label y --checkpoint-dir {blocker}/sub\n" + MODEL)
+    assert isinstance(err, TfosError) and "not writable" in str(err) and "--checkpoint-dir" in str(err)
+    assert get_job("ckpt").spec.etl_source, "the job is kept"
+
+
+@pytest.mark.slow
+def test_nulls_are_reported_by_column_and_fillna_fixes_them(shell, capsys):
+    run(shell, "%%spark_etl nulls\nfrom pyspark.sql import functions as F\n"
+               "spark.range(400).select(F.when(F.col('id') % 7 == 3, None).otherwise(F.rand(1)).alias('a'),"
+               " F.rand(2).alias('b'), F.rand(3).alias('y'))\n")
+    t0 = time.time()
+    err = _error(shell, "%%tf_train nulls --workers 2 --label y\n" + MODEL)
+    assert isinstance(err, JobFailed), err
+    assert "feature column 'a' has null values" in str(err) and "--fillna" in str(err)
+    assert get_job("nulls").state == "failed" and "null" in get_job("nulls").error
+    assert time.time() - t0 < 120
+    _, err = run(shell, "%%tf_train nulls --workers 2 --label y --fillna 0\n" + MODEL)
+    assert err is None, err
+    assert get_job("nulls").state == "succeeded"
+
+
+@pytest.mark.slow
+def test_uneven_and_empty_partitions_do_not_hang(shell):
+    run(shell, ETL.format(name="tiny", rows=3))
+    _, err = run(shell, "%%tf_train tiny --workers 2 --epochs 2 --batch-size 2 --label y\n" + MODEL)
+    assert err is None, err
+    run(shell, ETL.format(name="one", rows=1))
+    _, err = run(shell, "%%tf_train one --workers 2 --epochs 1 --label y\n" + MODEL)
+    assert err is None, err
+    assert len(get_job("one").history) == 1
+    run(shell, "%%spark_etl empty\nspark.range(0).selectExpr('rand() as a', 'rand() as y')\n")
+    err = _error(shell, "%%tf_train empty --workers 2 --label y\n" + MODEL.replace("(2,)", "(1,)"))
+    assert isinstance(err, JobFailed) and "DataFrame is empty" in str(err)
