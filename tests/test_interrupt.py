@@ -1,0 +1,70 @@
+"""A kernel interrupt during training cancels the Spark job and leaves no TF process behind."""
+
+import time
+
+import psutil
+import pytest
+from jupyter_client.manager import start_new_kernel
+
+from tfos_magic import get_job
+
+CHILD = "tfos_magic.runtime.child"
+
+
+def _children():
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if CHILD in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _execute(kc, code, timeout=300):
+    msg_id = kc.execute(code)
+    return kc.get_shell_msg(timeout=timeout) if msg_id else None
+
+
+@pytest.mark.slow
+def test_interrupt_stops_the_job_and_its_processes(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("TFOS_HOME", str(home))
+    monkeypatch.setenv("TFOS_SPARK_MASTER", "local[2]")
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+        reply = _execute(kc, "%load_ext tfos_magic")
+        assert reply["content"]["status"] == "ok"
+        reply = _execute(kc, "%%spark_etl long\nspark.range(300000).selectExpr('rand(1) as a', 'rand(2) as y')")
+        assert reply["content"]["status"] == "ok", reply["content"]
+        train = kc.execute(
+            "%%tf_train long --workers 2 --epochs 1000 --batch-size 64 --label y\n"
+            "import tensorflow as tf\n"
+            "def build_model():\n"
+            "    m = tf.keras.Sequential([tf.keras.Input((1,)), tf.keras.layers.Dense(1)])\n"
+            "    m.compile(optimizer='sgd', loss='mse')\n"
+            "    return m\n")
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            events = list(get_job("long", str(home)).events) if (home / "jobs/long/metrics.jsonl").exists() else []
+            if sum(e["kind"] == "step" for e in events) >= 2:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("training never started")
+        assert len(_children()) == 2
+        t0 = time.time()
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=120)
+        assert reply["parent_header"]["msg_id"] == train
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+        assert get_job("long", str(home)).state == "stopped"
+        while _children() and time.time() - t0 < 60:
+            time.sleep(0.5)
+        assert _children() == [], "TF worker processes outlived the interrupt"
+        reply = _execute(kc, "assert spark.sparkContext.statusTracker().getActiveJobsIds() == []")
+        assert reply["content"]["status"] == "ok", reply["content"]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
