@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Set up tfos-magic on a fresh Debian/Ubuntu machine with Python 3.11+:
+# system packages (Java 17+, ZooKeeper, Chromium) from apt, then a virtualenv in
+# .venv with the package and its test extras from PyPI. Safe to run again: it
+# only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+say() { printf 'setup: %s\n' "$*"; }
+
+"$PYTHON" - <<'PY' || { echo "setup: Python 3.11+ is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+import sys
+sys.exit(0 if sys.version_info >= (3, 11) else 1)
+PY
+
+java_ok() {
+  command -v java >/dev/null 2>&1 || return 1
+  local v
+  v=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1)
+  [ -n "$v" ] && [ "$v" -ge 17 ]
+}
+
+missing=()
+java_ok || missing+=(java)
+[ -x /usr/share/zookeeper/bin/zkServer.sh ] || missing+=(zookeeper)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium chromium-driver)
+"$PYTHON" -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)
+
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing system packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -q
+  pkgs=()
+  for p in "${missing[@]}"; do
+    if [ "$p" = java ]; then
+      for jre in openjdk-17-jre-headless openjdk-21-jre-headless openjdk-25-jre-headless; do
+        if apt-cache show "$jre" >/dev/null 2>&1; then pkgs+=("$jre"); break; fi
+      done
+    else
+      pkgs+=("$p")
+    fi
+  done
+  $SUDO apt-get install -y -q --no-install-recommends "${pkgs[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.tfos-installed
+want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  say "installing tfos-magic with its test extras into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[test]'
+  echo "$want" > "$stamp"
+fi
+say "ready: .venv/bin/python -m pytest, or bash scripts/test.sh"
