@@ -71,7 +71,7 @@ def test_train_cell_without_entry_point_or_with_syntax_error(shell):
     err = _error(shell, "%%tf_train src --label y\nimport tensorflow as tf\nmodel = 1\n")
     assert isinstance(err, TfosError) and "neither build_model() nor train(ctx)" in str(err)
     err = _error(shell, "%%tf_train src --label y\nimport tensorflow as tf\ndef build_model(:\n    pass\n")
-    assert isinstance(err, TfosError) and "line 2" in str(err)
+    assert isinstance(err, TfosError) and "line 3" in str(err)  # line 1 is the %%tf_train line
 
 
 def test_label_and_feature_column_errors(shell):

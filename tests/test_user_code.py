@@ -18,7 +18,7 @@ def test_neither_entry_point_names_both():
 
 def test_syntax_error_reports_the_cell_line():
     src = "import tensorflow as tf\n\ndef build_model(:\n    pass\n"
-    with pytest.raises(TfosError, match=r"line 3") as err:
+    with pytest.raises(TfosError, match=r"line 4") as err:
         check_train_source(src, "j")
     assert "def build_model(:" in str(err.value)
 
@@ -29,4 +29,4 @@ def test_run_cell_returns_last_expression_and_keeps_line_numbers():
     with pytest.raises(ZeroDivisionError) as err:
         run_cell("x = 1\ny = x / 0\n", "j", {}, kind="spark_etl")
     frames = [f for f in err.traceback if "%%spark_etl j" in str(f.path)]
-    assert frames and frames[-1].lineno + 1 == 2
+    assert frames and frames[-1].lineno + 1 == 3  # pytest counts from 0; the %% line is line 1

@@ -145,7 +145,15 @@ class TfosMagics(Magics):
 
 def summary(job: Job, elapsed: float) -> str:
     hist = job.history
+    events = job.events
+    run = max((e.get("run", 0) for e in events), default=0)
     lines = [f"tfos job {job.name!r} {job.state} in {elapsed:.1f}s: {len(hist)} epoch(s)"]
+    for e in events:
+        if e.get("kind") == "training" and e.get("worker") == 0 and e.get("run") == run and e.get("initial_step"):
+            lines.append(f"  resumed from step {e['initial_step']} (epoch {e['initial_epoch']}): {e['restored_from']}")
+            if e["initial_epoch"] >= job.spec.options.epochs:
+                lines.append(f"  --epochs {job.spec.options.epochs} already reached, nothing left to train; "
+                             "raise --epochs to train further, or pass --restart to start over")
     if hist:
         first, last = hist[0], hist[-1]
         keys = [k for k in last if k not in ("epoch", "rows_per_s") and isinstance(last[k], (int, float))]

@@ -1,7 +1,7 @@
 """The user's train cell, as source text: checked in the driver, run in the workers.
 
-The filename given to `compile` names the job, so tracebacks and syntax errors point
-at the cell's own line numbers.
+The filename given to `compile` names the job, and line numbers count the cell's
+`%%` line as line 1, as the notebook shows them, so errors point at the right line.
 """
 
 from __future__ import annotations
@@ -32,10 +32,15 @@ def _top_level_names(tree: ast.Module) -> set[str]:
     return names
 
 
+def _as_in_notebook(source: str) -> str:
+    """The cell body with a blank first line standing in for the magic line."""
+    return "\n" + source
+
+
 def parse(source: str, job: str, kind: str = "tf_train") -> ast.Module:
     """Parse a cell, turning a SyntaxError into one message with the cell's line number."""
     try:
-        return ast.parse(source, filename=cell_filename(job, kind))
+        return ast.parse(_as_in_notebook(source), filename=cell_filename(job, kind))
     except SyntaxError as exc:
         line = (exc.text or "").rstrip()
         raise TfosError(
@@ -64,7 +69,8 @@ def run_cell(source: str, job: str, namespace: dict[str, Any], kind: str = "tf_t
     """
     filename = cell_filename(job, kind)
     tree = parse(source, job, kind)
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    text = _as_in_notebook(source)
+    linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
     last = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
         last = ast.Expression(tree.body.pop().value)

@@ -1,0 +1,93 @@
+"""Training features on the shared local[2] session: validation data, dict inputs with
+array columns, step checkpoints, shutdown() after success and failure, resume notes."""
+
+import glob
+import os
+
+import pytest
+from conftest import run
+
+from tfos_magic import JobFailed, get_job
+
+ETL = """%%spark_etl {name}
+from pyspark.sql import functions as F
+from pyspark.ml.linalg import Vectors, VectorUDT
+base = spark.range(4000).select(F.col("id"), F.rand(1).alias("a"), F.rand(2).alias("b"))
+to_vec = F.udf(lambda a, b: Vectors.dense([a, b]), VectorUDT())
+df = base.select((F.col("id") % 10).alias("cat"), F.array("a", "b").alias("arr"), to_vec("a", "b").alias("vec"),
+                 (3 * F.col("a") - 2 * F.col("b") + 0.1 * (F.col("id") % 10)).alias("y"))
+val = df.limit(500)
+df
+"""
+
+DICT_MODEL = """
+import os
+import tensorflow as tf
+
+def build_model():
+    cat = tf.keras.Input((), name="cat", dtype="int64")
+    arr = tf.keras.Input((2,), name="arr")
+    vec = tf.keras.Input((2,), name="vec")
+    emb = tf.keras.layers.Flatten()(tf.keras.layers.Embedding(10, 2)(cat))
+    out = tf.keras.layers.Dense(1)(tf.keras.layers.Concatenate()([emb, arr, vec]))
+    model = tf.keras.Model({"cat": cat, "arr": arr, "vec": vec}, out)
+    model.compile(optimizer=tf.keras.optimizers.Adam(0.05), loss="mse")
+    return model
+
+def shutdown():
+    open(os.path.join(MARKERS, f"shutdown-{os.getpid()}"), "w").close()
+"""
+
+
+@pytest.fixture
+def markers(tmp_path):
+    path = tmp_path / "markers"
+    path.mkdir()
+    return path
+
+
+@pytest.mark.slow
+def test_validation_dict_inputs_arrays_step_checkpoints_and_shutdown(shell, markers, capsys):
+    _, err = run(shell, ETL.format(name="feat"))
+    assert err is None, err
+    _, err = run(shell, "%%tf_train feat --workers 2 --epochs 2 --batch-size 100 --label y "
+                        "--validation-df val --checkpoint-every-steps 7 --restart\n"
+                        f"MARKERS = {str(markers)!r}\n" + DICT_MODEL)
+    assert err is None, err
+    job = get_job("feat")
+    assert job.state == "succeeded"
+    assert [h["epoch"] for h in job.history] == [1, 2]
+    assert all("val_loss" in h for h in job.history), job.history
+    assert job.history[-1]["loss"] < job.history[0]["loss"]
+    saved = [e["step"] for e in job.events if e["kind"] == "checkpoint"]
+    assert [s for s in saved if s % 7 == 0], saved
+    assert len(glob.glob(os.path.join(job.checkpoint_dir, "ckpt-*.index"))) <= 3  # max_to_keep
+    assert len(list(markers.iterdir())) == 2, "shutdown() runs once on each worker"
+    model = job.load_model()
+    assert set(model.input_names) == {"cat", "arr", "vec"}
+
+    # Same cell again: already at --epochs, so it resumes and has nothing left to do.
+    capsys.readouterr()
+    _, err = run(shell, "%%tf_train feat --workers 2 --epochs 2 --batch-size 100 --label y "
+                        "--validation-df val\n"
+                        f"MARKERS = {str(markers)!r}\n" + DICT_MODEL)
+    assert err is None, err
+    assert "nothing left to train" in capsys.readouterr().out
+    assert len(get_job("feat").history) == 2
+
+
+@pytest.mark.slow
+def test_shutdown_runs_after_a_failure_and_the_error_names_the_cell_line(shell, markers):
+    run(shell, "%%spark_etl boom\nspark.range(100).selectExpr('rand() as a', 'rand() as y')\n")
+    cell = ("%%tf_train boom --workers 2 --label y\nimport os\n"
+            "def train(ctx):\n"
+            "    for x, y in ctx.dataset(10):\n"
+            "        raise RuntimeError('bad idea')\n"
+            "def shutdown():\n"
+            "    open(os.path.join(MARKERS, f'down-{os.getpid()}'), 'w').close()\n"
+            f"MARKERS = {str(markers)!r}\n")
+    _, err = run(shell, cell)
+    assert isinstance(err, JobFailed), err
+    assert "RuntimeError: bad idea" in str(err) and "cell line 5" in str(err)
+    assert get_job("boom").state == "failed"
+    assert len(list(markers.iterdir())) >= 1
