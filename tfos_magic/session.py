@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from typing import Any
 
@@ -30,6 +31,7 @@ def _create():
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     master = os.environ.get("TFOS_SPARK_MASTER", "local[*]")
+    check_reachable(master)
     try:
         return (
             SparkSession.builder.master(master)
@@ -45,3 +47,21 @@ def _create():
             "Spark 4 needs Java 17+ on PATH or JAVA_HOME; for a cluster, set TFOS_SPARK_MASTER to a "
             "reachable master URL, or create the SparkSession yourself before the %%spark_etl cell."
         ) from None
+
+
+def check_reachable(master: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not after Spark's minute of retries, when a standalone master is down."""
+    if not master.startswith("spark://"):
+        return
+    errors = []
+    for hostport in master[len("spark://"):].split(","):
+        host, _, port = hostport.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout).close()
+            return
+        except (OSError, ValueError) as exc:
+            errors.append(f"{hostport}: {exc}")
+    raise TfosError(
+        f"Cannot reach the Spark master {master} ({'; '.join(errors)}). Start the master, fix "
+        "TFOS_SPARK_MASTER, or create the SparkSession yourself before the %%spark_etl cell."
+    )

@@ -91,7 +91,9 @@ def run_worker(plan: dict[str, Any], batches: Iterator[pa.RecordBatch]) -> pa.Re
     task = BarrierTaskContext.get()
     index = task.partitionId()
     first, rest = _peek(batches)
-    addrs, lengths = _agree_cluster(task, plan["host"], first, plan["feed"])
+    # Bind TF where this executor is reachable: its own address unless the plan fixes one.
+    host = plan["host"] or task.getTaskInfos()[index].address.rsplit(":", 1)[0]
+    addrs, lengths = _agree_cluster(task, host, first, plan["feed"])
     workdir = tempfile.mkdtemp(prefix=f"tfos-{plan['job']}-w{index}-")
     try:
         cfg = dict(plan, worker_index=index, num_workers=len(addrs), spill_dir=workdir,

@@ -89,9 +89,10 @@ def check_checkpoint_dir(path: str) -> None:
 
 def _hosts(sc) -> tuple[str, str | None]:
     """(address executors use to reach the driver, host TF workers bind to or None for auto)."""
+    override = os.environ.get("TFOS_DRIVER_HOST")
     if sc.master.startswith("local"):
-        return "127.0.0.1", "127.0.0.1"
-    return sc.getConf().get("spark.driver.host", "127.0.0.1"), None
+        return override or "127.0.0.1", "127.0.0.1"
+    return override or sc.getConf().get("spark.driver.host", "127.0.0.1"), None
 
 
 def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore,

@@ -109,11 +109,16 @@ class DriverChannel:
 
 
 class ChannelClient:
-    """Executor side. Best effort: lost metrics must never stop training."""
+    """Executor side. Sending is best effort: a channel lost mid-run never stops training.
+
+    Whether the first connection worked is in `connected`/`error`; the TF process
+    refuses to start without it, since the notebook would see neither progress nor history.
+    """
 
     def __init__(self, address: str, job: str, token: str, timeout: float = 10.0) -> None:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
+        self.error: str | None = None
         host, port = address.rsplit(":", 1)
         try:
             sock = socket.create_connection((host, int(port)), timeout=timeout)
@@ -124,8 +129,8 @@ class ChannelClient:
             sock.settimeout(timeout)
             self._sock = sock
         except (OSError, ValueError) as exc:
-            print(f"tfos: metrics channel to {address} unavailable ({exc}); "
-                  "training continues without live metrics", file=sys.stderr)
+            self.error = f"cannot open the metrics channel to the notebook at {address}: {exc}"
+            print(f"tfos: {self.error}", file=sys.stderr)
 
     @property
     def connected(self) -> bool:

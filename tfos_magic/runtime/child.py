@@ -50,6 +50,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     index = cfg["worker_index"]
     channel = ChannelClient(cfg["channel_address"], cfg["job"], cfg["token"])
+    if not channel.connected:
+        return {"status": "error", "error": f"TF worker {index} {channel.error}. The executors must reach the "
+                "notebook's host: set TFOS_DRIVER_HOST (or spark.driver.host) to an address they can reach."}
     channel.send(make_event("started", index, pid=os.getpid()))
     namespace: dict[str, Any] = {"__name__": "__tfos_train__"}
     ctx = None
