@@ -87,6 +87,14 @@ def check_checkpoint_dir(path: str) -> None:
         ) from None
 
 
+def one_partition_per_worker(frame: DataFrame, workers: int) -> DataFrame:
+    """Round-robin repartition (even partitions), skipped when the frame already has one per
+    worker: the shuffle would cost more than the streaming itself (docs/performance.md)."""
+    if frame.rdd.getNumPartitions() == workers:
+        return frame
+    return frame.repartition(workers)
+
+
 def _hosts(sc) -> tuple[str, str | None]:
     """(address executors use to reach the driver, host TF workers bind to or None for auto)."""
     override = os.environ.get("TFOS_DRIVER_HOST")
@@ -130,7 +138,7 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore,
     def submit() -> None:
         sc.setJobGroup(group, f"tfos-magic job {name} (run {run})", interruptOnCancel=True)
         try:
-            stream = frame.repartition(opts.workers).mapInArrow(make_task(plan), RESULT_DDL, barrier=True)
+            stream = one_partition_per_worker(frame, opts.workers).mapInArrow(make_task(plan), RESULT_DDL, barrier=True)
             outcome["rows"] = stream.collect()
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             outcome["error"] = exc
