@@ -63,3 +63,24 @@ def run(ip, source: str):
     """Run a cell; return (result, error) where error is the exception raised, if any."""
     result = ip.run_cell(source)
     return result, (result.error_in_exec or result.error_before_exec)
+
+
+@pytest.fixture(scope="session")
+def tfos_kernel(tmp_path_factory):
+    """The project's own kernel spec (kernels/tfos), found first on JUPYTER_PATH.
+
+    Its "python" runs this interpreter, so a kernelspec named python3 elsewhere on the
+    machine cannot swap in a Python without TF.
+    """
+    import shutil
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("jupyter-path")
+    shutil.copytree(Path(__file__).parents[1] / "kernels" / "tfos", root / "kernels" / "tfos")
+    old = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = str(root) + (os.pathsep + old if old else "")
+    yield "tfos"
+    if old is None:
+        os.environ.pop("JUPYTER_PATH", None)
+    else:
+        os.environ["JUPYTER_PATH"] = old

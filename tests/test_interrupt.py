@@ -28,14 +28,14 @@ def _execute(kc, code, timeout=300):
 
 
 @pytest.mark.slow
-def test_interrupt_stops_the_job_and_its_processes(tmp_path, monkeypatch):
+def test_interrupt_stops_the_job_and_its_processes(tmp_path, monkeypatch, tfos_kernel):
     home = tmp_path / "home"
     monkeypatch.setenv("TFOS_HOME", str(home))
     monkeypatch.setenv("TFOS_SPARK_MASTER", "local[2]")
-    km, kc = start_new_kernel(kernel_name="python3")
+    km, kc = start_new_kernel(kernel_name=tfos_kernel)
     try:
-        reply = _execute(kc, "%load_ext tfos_magic")
-        assert reply["content"]["status"] == "ok"
+        reply = _execute(kc, "assert 'spark_etl' in get_ipython().magics_manager.magics['cell']")
+        assert reply["content"]["status"] == "ok", "the tfos kernel loads the extension at start"
         reply = _execute(kc, "%%spark_etl long\nspark.range(300000).selectExpr('rand(1) as a', 'rand(2) as y')")
         assert reply["content"]["status"] == "ok", reply["content"]
         train = kc.execute(

@@ -135,3 +135,23 @@ def test_uneven_and_empty_partitions_do_not_hang(shell):
     run(shell, "%%spark_etl empty\nspark.range(0).selectExpr('rand() as a', 'rand() as y')\n")
     err = _error(shell, "%%tf_train empty --workers 2 --label y\n" + MODEL.replace("(2,)", "(1,)"))
     assert isinstance(err, JobFailed) and "DataFrame is empty" in str(err)
+
+
+@pytest.mark.slow
+def test_workers_that_never_start_fail_within_the_start_timeout(shell):
+    # No shuffle before the barrier stage (one partition per worker already), so a
+    # partition whose first row never comes keeps its TF worker from starting.
+    run(shell, "%%spark_etl stuck\nimport time\nfrom pyspark.sql import functions as F\n"
+               "stall = F.udf(lambda v: time.sleep(600) or v, 'double')\n"
+               "spark.range(4, numPartitions=2).select(stall(F.rand(1)).alias('a'), F.rand(2).alias('y'))\n")
+    t0 = time.time()
+    err = _error(shell, "%%tf_train stuck --workers 2 --label y --start-timeout 3\n" + MODEL.replace("(2,)", "(1,)"))
+    assert isinstance(err, TfosError), err
+    assert "Only 0 of 2 TF workers started within 3s" in str(err) and "--start-timeout" in str(err)
+    assert time.time() - t0 < 90
+    assert get_job("stuck").state == "failed"
+    tracker = shell.user_ns["spark"].sparkContext.statusTracker()
+    deadline = time.time() + 30
+    while tracker.getActiveJobsIds() and time.time() < deadline:
+        time.sleep(0.5)
+    assert tracker.getActiveJobsIds() == [], "the Spark job was cancelled"

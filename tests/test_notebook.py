@@ -14,11 +14,11 @@ NOTEBOOK = Path(__file__).parent / "notebooks" / "train_e2e.ipynb"
 
 
 @pytest.mark.slow
-def test_end_to_end_notebook(tmp_path, monkeypatch):
+def test_end_to_end_notebook(tmp_path, monkeypatch, tfos_kernel):
     monkeypatch.setenv("TFOS_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("TFOS_SPARK_MASTER", "local[2]")
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(nb, timeout=600, kernel_name=tfos_kernel, resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "tfos job 'regression' succeeded" in outputs

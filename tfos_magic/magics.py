@@ -83,7 +83,7 @@ class TfosMagics(Magics):
     @argument("--start-timeout", type=float, default=_DEFAULTS.start_timeout,
               help="seconds for all TF workers to start once their Spark stage runs")
     @cell_magic
-    def tf_train(self, line: str, cell: str) -> Job:
+    def tf_train(self, line: str, cell: str) -> None:
         """Train on the job's DataFrame with build_model() (Keras fit) or train(ctx); blocks until done."""
         args = parse_argstring(self.tf_train, line)
         name = check_name(args.job)
@@ -113,7 +113,6 @@ class TfosMagics(Magics):
         launch(get_spark(self.shell.user_ns), spec, self.frames[name], self.store, validation)
         job = Job(name, self.store)
         print(summary(job, time.time() - t0))
-        return None  # the summary is printed; get_job(name) gives the Job
 
     def _validation_frame(self, var: str | None):
         if var is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -131,8 +132,10 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore,
         "options": opts.to_dict(), "checkpoint_dir": checkpoint_dir,
     }
     group = f"tfos-{name}-run{run}"
+    # The driver's pid and host let another process tell a live run from one whose kernel died.
     store.write_state(name, state="running", run=run, started=time.time(), ended=None, error=None,
-                      checkpoint_dir=checkpoint_dir, workers=opts.workers, job_group=group)
+                      checkpoint_dir=checkpoint_dir, workers=opts.workers, job_group=group,
+                      driver_pid=os.getpid(), driver_host=socket.gethostname())
     outcome: dict[str, Any] = {}
 
     def submit() -> None:
