@@ -155,3 +155,12 @@ def test_workers_that_never_start_fail_within_the_start_timeout(shell):
     while tracker.getActiveJobsIds() and time.time() < deadline:
         time.sleep(0.5)
     assert tracker.getActiveJobsIds() == [], "the Spark job was cancelled"
+
+
+@pytest.mark.slow
+def test_checkpoint_uri_that_workers_cannot_write(shell):
+    # A URI is not checked in the driver (it may be hdfs:// or s3://); the chief checks it.
+    run(shell, ETL.format(name="uri", rows=20))
+    err = _error(shell, "%%tf_train uri --label y --checkpoint-dir nosuchscheme://bucket/ckpt\n" + MODEL)
+    assert isinstance(err, JobFailed), err
+    assert "not writable from the workers" in str(err) and "--checkpoint-dir" in str(err)

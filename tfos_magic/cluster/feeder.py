@@ -29,6 +29,10 @@ LOG_TAIL = 30
 class WorkerFailed(RuntimeError):
     """Raised in the Spark task so that Spark ends the whole barrier stage."""
 
+    def __init__(self, message: str, reported: bool = False) -> None:
+        super().__init__(message)
+        self.reported = reported  # already sent to the driver as an error event
+
 
 def _die_with_parent() -> None:
     try:
@@ -141,10 +145,11 @@ def _result(index: int, code: int, result_path: str, log_path: str) -> pa.Record
         with open(result_path) as f:
             result = json.load(f)
     except (OSError, json.JSONDecodeError):
-        result = {"status": "error", "error": f"TF worker {index} exited with code {code} before reporting "
-                                              f"a result. Last lines of its log:\n{_tail(log_path)}"}
+        result = {"status": "error", "unreported": True,
+                  "error": f"TF worker {index} exited with code {code} before reporting a result. "
+                           f"Last lines of its log:\n{_tail(log_path)}"}
     if result["status"] != "ok":
-        raise WorkerFailed(f"TF worker {index} failed: {result['error']}")
+        raise WorkerFailed(f"TF worker {index} failed: {result['error']}", reported=not result.get("unreported"))
     return pa.RecordBatch.from_pydict({"worker": [index], "result": [json.dumps(result)]}, schema=RESULT_SCHEMA)
 
 
@@ -152,6 +157,21 @@ def make_task(plan: dict[str, Any]) -> Callable[[Iterator[pa.RecordBatch]], Iter
     """The function for `mapInArrow(..., barrier=True)`; `plan` is plain JSON data."""
 
     def task(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        yield run_worker(plan, batches)
+        try:
+            yield run_worker(plan, batches)
+        except WorkerFailed as exc:
+            if not exc.reported:  # tell the driver now, so it cancels the job instead of Spark retrying it
+                _report_error(plan, str(exc))
+            raise
 
     return task
+
+
+def _report_error(plan: dict[str, Any], message: str) -> None:
+    from pyspark import BarrierTaskContext
+
+    from ..monitor import ChannelClient, make_event
+
+    channel = ChannelClient(plan["channel_address"], plan["job"], plan["token"], timeout=5)
+    channel.send(make_event("error", BarrierTaskContext.get().partitionId(), message=message))
+    channel.close()

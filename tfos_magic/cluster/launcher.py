@@ -29,6 +29,7 @@ from .feeder import RESULT_DDL, make_task
 from .slots import check_slots
 
 POLL_S = 0.2
+ERROR_GRACE_S = 2.0
 _SECONDARY = re.compile(r"Collective ops is aborted|UnavailableError|CancelledError|unhealthy")
 
 
@@ -158,8 +159,10 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore,
     except TfosError as exc:
         sc.cancelJobGroup(group)
         thread.join(timeout=60)
-        store.write_state(name, state="failed", ended=time.time(), error=str(exc))
-        raise
+        if not isinstance(exc, JobFailed):
+            store.write_state(name, state="failed", ended=time.time(), error=str(exc))
+            raise
+        outcome["error"] = exc
     finally:
         channel.unregister(name)
 
@@ -173,9 +176,17 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore,
 def _watch(sc, thread: threading.Thread, group: str, monitor: RunMonitor, workers: int, start_timeout: float) -> None:
     """Wait for the Spark job; fail if its barrier stage runs but TF workers do not all start."""
     running_since: float | None = None
+    first_error: float | None = None
     tracker = sc.statusTracker()
     while thread.is_alive():
         thread.join(POLL_S)
+        if monitor.errors:
+            # A worker failed: end the job now rather than let Spark retry the stage. Wait a
+            # moment first, so the failing worker's own report can arrive after its peers'.
+            first_error = first_error or time.time()
+            if time.time() - first_error > ERROR_GRACE_S:
+                raise JobFailed("a TF worker failed")
+            continue
         if len(monitor.started) >= workers:
             continue
         if running_since is None:

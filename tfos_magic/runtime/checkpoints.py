@@ -30,6 +30,23 @@ def clear(directory: str) -> None:
                 tf.io.gfile.remove(path)
 
 
+def ensure_writable(directory: str) -> None:
+    """Checked by the chief before training: the driver cannot check an hdfs:// or s3:// dir."""
+    from ..errors import TfosError
+
+    probe = f"{directory.rstrip('/')}/.tfos-write-test"
+    try:
+        tf.io.gfile.makedirs(directory)
+        with tf.io.gfile.GFile(probe, "w") as f:
+            f.write("ok")
+        tf.io.gfile.remove(probe)
+    except (tf.errors.OpError, OSError) as exc:
+        raise TfosError(
+            f"The checkpoint dir {directory!r} is not writable from the workers "
+            f"({getattr(exc, 'message', exc)}). Pass a --checkpoint-dir every executor can write to."
+        ) from None
+
+
 class Checkpointer:
     def __init__(self, directory: str, is_chief: bool, notify: Notify | None = None,
                  max_to_keep: int = 3, **objects: Any) -> None:

@@ -70,8 +70,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         ctx = TrainContext(job=cfg["job"], strategy=strategy, feed=feed, worker_index=index,
                            num_workers=cfg["num_workers"], checkpoint_dir=cfg["checkpoint_dir"],
                            options=opts, channel=channel)
-        if opts.get("restart") and ctx.is_chief:
-            checkpoints.clear(ctx.checkpoint_dir)
+        if ctx.is_chief:
+            checkpoints.ensure_writable(ctx.checkpoint_dir)
+            if opts.get("restart"):
+                checkpoints.clear(ctx.checkpoint_dir)
         if "build_model" in namespace:
             model = keras_fit.fit(namespace["build_model"], ctx, restart=bool(opts.get("restart")))
         else:
