@@ -84,3 +84,56 @@ def tfos_kernel(tmp_path_factory):
         os.environ.pop("JUPYTER_PATH", None)
     else:
         os.environ["JUPYTER_PATH"] = old
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ZK_SERVER = "/usr/share/zookeeper/bin/zkServer.sh"
+
+
+@pytest.fixture(scope="session")
+def zookeeper(tmp_path_factory):
+    """A real ZooKeeper server (Debian's package) on a free loopback port, with its own data dir."""
+    import signal
+    import subprocess
+    import time
+
+    from kazoo.client import KazooClient
+
+    assert os.path.exists(ZK_SERVER), "ZooKeeper is missing: run scripts/setup.sh (apt-get install zookeeper)"
+    root = tmp_path_factory.mktemp("zookeeper")
+    port = free_port()
+    (root / "data").mkdir()
+    cfg = root / "zoo.cfg"
+    cfg.write_text(f"tickTime=2000\ndataDir={root / 'data'}\nclientPort={port}\n"
+                   "clientPortAddress=127.0.0.1\nadmin.enableServer=false\nmaxSessionTimeout=20000\n")
+    env = dict(os.environ, ZOO_LOG_DIR=str(root), ZOO_LOG4J_PROP="WARN,CONSOLE")
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen([ZK_SERVER, "start-foreground", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+    hosts = f"127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        client = KazooClient(hosts=hosts)
+        try:
+            client.start(timeout=2)
+            client.stop()
+            client.close()
+            break
+        except Exception:
+            client.close()
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"ZooKeeper did not start: {(root / 'server.log').read_text()[-2000:]}")
+    yield hosts
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()

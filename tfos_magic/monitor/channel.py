@@ -3,7 +3,8 @@
 Protocol (JSON lines over TCP): the client's first line is
 ``{"v": 1, "job": NAME, "token": SECRET}``; the server answers ``{"ok": true}`` or
 ``{"ok": false, "error": ...}`` and closes. After a good hello every line is one
-metric event. Each job run gets a fresh random token, so a stray or stale process
+metric event, or a request (a line with "op", e.g. the embedded service registry's)
+that gets one answer line. Each job run gets a fresh random token, so a stray or stale process
 cannot write into a job.
 """
 
@@ -22,6 +23,7 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 Sink = Callable[[dict[str, Any]], None]
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
 HELLO_TIMEOUT_S = 10.0
 
 
@@ -34,22 +36,31 @@ class _Handler(socketserver.StreamRequestHandler):
             hello = json.loads(self.rfile.readline(65536) or b"null")
         except (json.JSONDecodeError, OSError, UnicodeDecodeError):
             hello = None
-        sink = self.server.owner.authenticate(hello)
-        if sink is None:
+        entry = self.server.owner.authenticate(hello)
+        if entry is None:
             self._reply({"ok": False, "error": "unknown job or bad token"})
             return
+        sink, requests = entry
         self._reply({"ok": True})
         self.connection.settimeout(None)
         for line in self.rfile:
             try:
-                event = json.loads(line)
+                msg = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(event, dict):
+            if not isinstance(msg, dict):
+                continue
+            if "op" in msg:  # a request: answered on the same connection
                 try:
-                    sink(event)
-                except Exception:  # a broken sink must not kill the channel
-                    log.exception("metric sink failed")
+                    reply = requests(msg) if requests else {"ok": False, "error": "no requests for this job"}
+                except Exception as exc:  # noqa: BLE001 - the client gets the error, the server lives
+                    reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                self._reply(reply)
+                continue
+            try:
+                sink(msg)
+            except Exception:  # a broken sink must not kill the channel
+                log.exception("metric sink failed")
 
     def _reply(self, msg: dict[str, Any]) -> None:
         self.wfile.write((json.dumps(msg) + "\n").encode())
@@ -72,7 +83,7 @@ class DriverChannel:
     _lock = threading.Lock()
 
     def __init__(self, bind_host: str = "0.0.0.0") -> None:
-        self._jobs: dict[str, tuple[str, Sink]] = {}
+        self._jobs: dict[str, tuple[str, Sink, Handler | None]] = {}
         self._server = _Server(self, bind_host)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="tfos-channel", daemon=True)
@@ -85,23 +96,24 @@ class DriverChannel:
                 cls._instance = cls()
             return cls._instance
 
-    def register(self, job: str, sink: Sink) -> str:
-        """Accept events for `job` with a fresh secret token, which is returned."""
+    def register(self, job: str, sink: Sink, requests: Handler | None = None) -> str:
+        """Accept events (and requests, e.g. the embedded registry's) for `job` with a fresh
+        secret token, which is returned."""
         token = secrets.token_hex(16)
-        self._jobs[job] = (token, sink)
+        self._jobs[job] = (token, sink, requests)
         return token
 
     def unregister(self, job: str) -> None:
         self._jobs.pop(job, None)
 
-    def authenticate(self, hello: Any) -> Sink | None:
+    def authenticate(self, hello: Any) -> tuple[Sink, Handler | None] | None:
         if not isinstance(hello, dict) or hello.get("v") != 1:
             return None
         entry = self._jobs.get(str(hello.get("job")))
         token = hello.get("token")
         if entry is None or not isinstance(token, str):
             return None
-        return entry[1] if hmac.compare_digest(entry[0], token) else None
+        return (entry[1], entry[2]) if hmac.compare_digest(entry[0], token) else None
 
     def close(self) -> None:
         self._server.shutdown()
@@ -123,7 +135,8 @@ class ChannelClient:
         try:
             sock = socket.create_connection((host, int(port)), timeout=timeout)
             sock.sendall((json.dumps({"v": 1, "job": job, "token": token}) + "\n").encode())
-            reply = json.loads(sock.makefile("rb").readline() or b"null")
+            self._reader = sock.makefile("rb")
+            reply = json.loads(self._reader.readline() or b"null")
             if not (isinstance(reply, dict) and reply.get("ok")):
                 raise ConnectionRefusedError(f"driver refused the metrics channel: {reply}")
             sock.settimeout(timeout)
@@ -146,6 +159,18 @@ class ChannelClient:
             except OSError as exc:
                 print(f"tfos: metrics channel lost ({exc})", file=sys.stderr)
                 self._sock = None
+
+    def request(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Send a request (a dict with "op") and wait for its answer; raises OSError if the
+        channel is down."""
+        if self._sock is None:
+            raise ConnectionError(self.error or "channel closed")
+        with self._lock:
+            self._sock.sendall((json.dumps(msg) + "\n").encode())
+            line = self._reader.readline()
+        if not line:
+            raise ConnectionError("the notebook closed the channel")
+        return json.loads(line)
 
     def close(self) -> None:
         with self._lock:

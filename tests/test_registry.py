@@ -1,0 +1,91 @@
+"""The service registry: embedded (the notebook's channel) and a real ZooKeeper server."""
+
+import threading
+import time
+
+import pytest
+from conftest import free_port
+from kazoo.client import KazooClient
+from kazoo.exceptions import NoAuthError
+
+from tfos_magic.cluster.registry import (EmbeddedRegistry, EmbeddedRegistryClient, RegistryError,
+                                         ZooKeeperRegistryClient, ZooKeeperView)
+from tfos_magic.monitor import DriverChannel
+
+COUNTS = {"ps": 1, "worker": 2}
+
+
+def _complete_cluster(make_client):
+    """Three tasks register from three threads; each sees the whole cluster."""
+    results, errors = {}, []
+
+    def task(role, index, port):
+        try:
+            client = make_client()
+            client.register(role, index, f"127.0.0.1:{port}")
+            results[(role, index)] = client.wait_cluster(COUNTS, timeout=20)
+            time.sleep(0.5)  # stay registered (ZooKeeper nodes are ephemeral) until all have looked
+            client.close()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=task, args=(r, i, 9000 + n)) for n, (r, i) in
+               enumerate([("worker", 1), ("ps", 0), ("worker", 0)])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    specs = list(results.values())
+    assert len(specs) == 3 and all(s == specs[0] for s in specs)
+    assert specs[0] == {"ps": ["127.0.0.1:9001"], "worker": ["127.0.0.1:9002", "127.0.0.1:9000"]}
+
+
+def test_embedded_registry_completes_the_cluster_and_checks_the_secret():
+    channel = DriverChannel(bind_host="127.0.0.1")
+    registry = EmbeddedRegistry()
+    token = channel.register("emb", lambda e: None, registry.handle)
+    addr = f"127.0.0.1:{channel.port}"
+    _complete_cluster(lambda: EmbeddedRegistryClient(addr, "emb", token, attempt=1))
+    assert registry.members(1)["ps"] == {0: "127.0.0.1:9001"}
+    with pytest.raises(RegistryError, match="Cannot reach the notebook's registry.*refused"):
+        EmbeddedRegistryClient(addr, "emb", "wrong-secret", attempt=1)
+    channel.close()
+
+
+def test_embedded_wait_names_the_missing_tasks():
+    channel = DriverChannel(bind_host="127.0.0.1")
+    registry = EmbeddedRegistry()
+    token = channel.register("late", lambda e: None, registry.handle)
+    client = EmbeddedRegistryClient(f"127.0.0.1:{channel.port}", "late", token, attempt=3)
+    client.register("worker", 0, "127.0.0.1:1")
+    t0 = time.time()
+    with pytest.raises(RegistryError, match=r"ps/0, worker/1 never registered"):
+        client.wait_cluster(COUNTS, timeout=1.5)
+    assert time.time() - t0 < 5
+    channel.close()
+
+
+def test_zookeeper_registry_ephemeral_nodes_acl_and_cleanup(zookeeper):
+    auth = "tfos:s3cret"
+    _complete_cluster(lambda: ZooKeeperRegistryClient(zookeeper, "zkjob", attempt=2, auth=auth))
+    client = ZooKeeperRegistryClient(zookeeper, "zkjob", attempt=2, auth=auth)
+    client.register("worker", 0, "127.0.0.1:7")
+    view = ZooKeeperView(zookeeper, "zkjob", auth=auth)
+    assert view.members(2) == {"worker": {0: "127.0.0.1:7"}}
+    stranger = KazooClient(hosts=zookeeper)
+    stranger.start(timeout=5)
+    with pytest.raises(NoAuthError):
+        stranger.get("/tfos/zkjob/2/worker/0")  # the digest ACL keeps others out
+    client.close()  # the task's session ends: its ephemeral node goes with it
+    assert view.members(2) == {}
+    view.close()
+    assert stranger.exists("/tfos/zkjob") is None
+    stranger.stop()
+
+
+def test_unreachable_zookeeper_fails_within_a_bounded_time():
+    t0 = time.time()
+    with pytest.raises(RegistryError, match=r"Cannot reach ZooKeeper at 127.0.0.1:\d+ within 10s"):
+        ZooKeeperView(f"127.0.0.1:{free_port()}", "nozk")
+    assert time.time() - t0 < 20
