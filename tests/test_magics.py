@@ -147,7 +147,7 @@ def test_workers_that_never_start_fail_within_the_start_timeout(shell):
     t0 = time.time()
     err = _error(shell, "%%tf_train stuck --workers 2 --label y --start-timeout 3\n" + MODEL.replace("(2,)", "(1,)"))
     assert isinstance(err, TfosError), err
-    assert "Only 0 of 2 TF workers started within 3s" in str(err) and "--start-timeout" in str(err)
+    assert "Only 0 of 2 TF tasks started within 3s" in str(err) and "worker/0, worker/1" in str(err) and "--start-timeout" in str(err)
     assert time.time() - t0 < 90
     assert get_job("stuck").state == "failed"
     tracker = shell.user_ns["spark"].sparkContext.statusTracker()

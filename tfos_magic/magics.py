@@ -6,6 +6,7 @@ the job to the launcher.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -79,7 +80,15 @@ class TfosMagics(Magics):
     @argument("--checkpoint-every-steps", type=int, default=0, help="also checkpoint every N global steps")
     @argument("--restart", action="store_true", help="ignore and delete earlier checkpoints")
     @argument("--fillna", type=float, help="replace nulls in scalar feature columns with this value")
-    @argument("--strategy", default="allreduce", choices=["allreduce"], help="distribution strategy")
+    @argument("--strategy", default="allreduce", choices=["allreduce", "ps"],
+              help="allreduce (MultiWorkerMirroredStrategy) or ps (variables on parameter servers)")
+    @argument("--ps", type=int, help="parameter-server tasks with --strategy ps (default 1)")
+    @argument("--gpus-per-worker", type=int, default=0, help="GPUs each worker task asks Spark for")
+    @argument("--zookeeper", metavar="HOST:PORT[/CHROOT]",
+              help="service registry for --strategy ps (default: TFOS_ZOOKEEPER, else embedded in the notebook)")
+    @argument("--zk-auth", metavar="USER:PASSWORD", help="ZooKeeper digest auth; the job's znodes get a digest ACL")
+    @argument("--max-restarts", type=int, default=_DEFAULTS.max_restarts,
+              help="restarts from the latest checkpoint after a task dies")
     @argument("--start-timeout", type=float, default=_DEFAULTS.start_timeout,
               help="seconds for all TF workers to start once their Spark stage runs")
     @cell_magic
@@ -104,6 +113,9 @@ class TfosMagics(Magics):
             features=_csv(args.features), validation_df=args.validation_df,
             checkpoint_dir=args.checkpoint_dir, checkpoint_every_steps=args.checkpoint_every_steps,
             restart=args.restart, fillna=args.fillna, inputs=args.inputs, strategy=args.strategy,
+            ps=(1 if args.ps is None else args.ps) if args.strategy == "ps" else 0,
+            gpus_per_worker=args.gpus_per_worker, zookeeper=args.zookeeper,
+            zk_auth=args.zk_auth or os.environ.get("TFOS_ZK_AUTH"), max_restarts=args.max_restarts,
             start_timeout=args.start_timeout,
         )
         self.store.save_spec(spec)

@@ -8,6 +8,7 @@ child dies with the task: PR_SET_PDEATHSIG kills it if the Spark worker is kille
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -29,9 +30,10 @@ LOG_TAIL = 30
 class WorkerFailed(RuntimeError):
     """Raised in the Spark task so that Spark ends the whole barrier stage."""
 
-    def __init__(self, message: str, reported: bool = False) -> None:
+    def __init__(self, message: str, reported: bool = False, retryable: bool = False) -> None:
         super().__init__(message)
         self.reported = reported  # already sent to the driver as an error event
+        self.retryable = retryable
 
 
 def _die_with_parent() -> None:
@@ -95,20 +97,40 @@ def run_worker(plan: dict[str, Any], batches: Iterator[pa.RecordBatch]) -> pa.Re
     task = BarrierTaskContext.get()
     index = task.partitionId()
     first, rest = _peek(batches)
-    # Bind TF where this executor is reachable: its own address unless the plan fixes one.
-    host = plan["host"] or task.getTaskInfos()[index].address.rsplit(":", 1)[0]
+    host = _host(plan, task, index)
     addrs, lengths = _agree_cluster(task, host, first, plan["feed"])
-    workdir = tempfile.mkdtemp(prefix=f"tfos-{plan['job']}-w{index}-")
+    env = {}
+    if plan["options"]["strategy"] == "allreduce":
+        env["TF_CONFIG"] = json.dumps({"cluster": {"worker": addrs}, "task": {"type": "worker", "index": index}})
+    cfg = dict(plan, role="worker", index=index, num_workers=len(addrs), bind_host=host,
+               feed=dict(plan["feed"], array_lengths=lengths))
+    return _run_child(cfg, env, first, rest)
+
+
+def run_ps(plan: dict[str, Any], index: int) -> pa.RecordBatch:
+    """A parameter-server task: its TF process serves variables until the driver ends the job."""
+    host = plan["host"] or os.environ.get("SPARK_LOCAL_IP") or socket.gethostbyname(socket.gethostname())
+    cfg = dict(plan, role="ps", index=index, num_workers=plan["options"]["workers"], bind_host=host)
+    return _run_child(cfg, {}, None, iter(()))
+
+
+def _host(plan: dict[str, Any], task: Any, index: int) -> str:
+    """Bind TF where this executor is reachable: its own address unless the plan fixes one."""
+    return plan["host"] or task.getTaskInfos()[index].address.rsplit(":", 1)[0]
+
+
+def _run_child(cfg: dict[str, Any], env: dict[str, str], first: pa.RecordBatch | None,
+               rest: Iterator[pa.RecordBatch]) -> pa.RecordBatch:
+    """Start the TF process for this task, feed it, wait for it and return its result row."""
+    role, index = cfg["role"], cfg["index"]
+    workdir = tempfile.mkdtemp(prefix=f"tfos-{cfg['job']}-{role}{index}-")
     try:
-        cfg = dict(plan, worker_index=index, num_workers=len(addrs), spill_dir=workdir,
-                   result_path=os.path.join(workdir, "result.json"))
-        cfg["feed"] = dict(plan["feed"], array_lengths=lengths)
+        cfg = dict(cfg, spill_dir=workdir, result_path=os.path.join(workdir, "result.json"))
         cfg_path = os.path.join(workdir, "config.json")
         with open(cfg_path, "w") as f:
             json.dump(cfg, f)
-        env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2",
-                   TF_CONFIG=json.dumps({"cluster": {"worker": addrs}, "task": {"type": "worker", "index": index}}))
-        log_path = os.path.join(workdir, "worker.log")
+        env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", **env)
+        log_path = os.path.join(workdir, "tf.log")
         with open(log_path, "wb") as log:
             child = subprocess.Popen([sys.executable, "-m", "tfos_magic.runtime.child", cfg_path],
                                      stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
@@ -120,7 +142,7 @@ def run_worker(plan: dict[str, Any], batches: Iterator[pa.RecordBatch]) -> pa.Re
             if child.poll() is None:
                 child.kill()
                 child.wait()
-        return _result(index, code, cfg["result_path"], log_path)
+        return _result(role, index, code, cfg["result_path"], log_path)
     finally:
         if not os.environ.get("TFOS_KEEP_WORKDIR"):
             shutil.rmtree(workdir, ignore_errors=True)
@@ -140,16 +162,18 @@ def _stream(child: subprocess.Popen, first: pa.RecordBatch | None, rest: Iterato
         pass  # the child exited early; its result file says why
 
 
-def _result(index: int, code: int, result_path: str, log_path: str) -> pa.RecordBatch:
+def _result(role: str, index: int, code: int, result_path: str, log_path: str) -> pa.RecordBatch:
     try:
         with open(result_path) as f:
             result = json.load(f)
     except (OSError, json.JSONDecodeError):
         result = {"status": "error", "unreported": True,
-                  "error": f"TF worker {index} exited with code {code} before reporting a result. "
+                  "error": f"TF {role} {index} exited with code {code} before reporting a result. "
                            f"Last lines of its log:\n{_tail(log_path)}"}
     if result["status"] != "ok":
-        raise WorkerFailed(f"TF worker {index} failed: {result['error']}", reported=not result.get("unreported"))
+        # A process that died without a word (killed, crashed) may succeed on a restart.
+        raise WorkerFailed(f"TF {role} {index} failed: {result['error']}", reported=not result.get("unreported"),
+                           retryable=bool(result.get("unreported")))
     return pa.RecordBatch.from_pydict({"worker": [index], "result": [json.dumps(result)]}, schema=RESULT_SCHEMA)
 
 
@@ -157,21 +181,42 @@ def make_task(plan: dict[str, Any]) -> Callable[[Iterator[pa.RecordBatch]], Iter
     """The function for `mapInArrow(..., barrier=True)`; `plan` is plain JSON data."""
 
     def task(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        try:
+        with _reporting(plan, "worker", lambda: _partition(barrier=True)):
             yield run_worker(plan, batches)
-        except WorkerFailed as exc:
-            if not exc.reported:  # tell the driver now, so it cancels the job instead of Spark retrying it
-                _report_error(plan, str(exc))
-            raise
 
     return task
 
 
-def _report_error(plan: dict[str, Any], message: str) -> None:
-    from pyspark import BarrierTaskContext
+def make_ps_task(plan: dict[str, Any]) -> Callable[[int, Iterator[Any]], Iterator[str]]:
+    """The function for `rdd.mapPartitionsWithIndex`: one PS task per partition."""
 
+    def task(index: int, _rows: Iterator[Any]) -> Iterator[str]:
+        with _reporting(plan, "ps", lambda: index):
+            yield run_ps(plan, index).column("result")[0].as_py()
+
+    return task
+
+
+def _partition(barrier: bool) -> int:
+    from pyspark import BarrierTaskContext, TaskContext
+
+    return (BarrierTaskContext if barrier else TaskContext).get().partitionId()
+
+
+@contextlib.contextmanager
+def _reporting(plan: dict[str, Any], role: str, index: Callable[[], int]):
+    """Tell the driver about a failure at once, so it can act (cancel, restart) instead of Spark retrying."""
+    try:
+        yield
+    except WorkerFailed as exc:
+        if not exc.reported:
+            _report_error(plan, role, index(), str(exc), exc.retryable)
+        raise
+
+
+def _report_error(plan: dict[str, Any], role: str, index: int, message: str, retryable: bool) -> None:
     from ..monitor import ChannelClient, make_event
 
     channel = ChannelClient(plan["channel_address"], plan["job"], plan["token"], timeout=5)
-    channel.send(make_event("error", BarrierTaskContext.get().partitionId(), message=message))
+    channel.send(make_event("error", index, role=role, message=message, retryable=retryable))
     channel.close()

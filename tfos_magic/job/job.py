@@ -69,7 +69,8 @@ class Job:
 
     @property
     def model_path(self) -> str:
-        return self._state.get("model_path") or f"{self.checkpoint_dir.rstrip('/')}/{MODEL_FILE}"
+        saved = [e["path"] for e in self.store.events(self.name) if e.get("kind") == "model"]
+        return saved[-1] if saved else f"{self.checkpoint_dir.rstrip('/')}/{MODEL_FILE}"
 
     def load_model(self):
         """Load the trained tf.keras model in the driver (legacy Keras, as the workers used)."""

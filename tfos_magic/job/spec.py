@@ -29,10 +29,19 @@ class TrainOptions:
     fillna: float | None = None
     inputs: str = "auto"
     strategy: str = "allreduce"
+    ps: int = 0
+    gpus_per_worker: int = 0
+    zookeeper: str | None = None
+    zk_auth: str | None = None
+    max_restarts: int = 2
     start_timeout: float = 180.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self, secrets: bool = True) -> dict[str, Any]:
+        """As plain data; without `secrets`, the ZooKeeper password is masked (for spec.json)."""
+        out = dataclasses.asdict(self)
+        if not secrets and out["zk_auth"]:
+            out["zk_auth"] = out["zk_auth"].split(":", 1)[0] + ":***"
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainOptions":
@@ -55,7 +64,7 @@ class JobSpec:
             "format": SPEC_FORMAT,
             "name": self.name,
             "etl": {"source": self.etl_source, "df_var": self.etl_df_var},
-            "train": {"source": self.train_source, "options": self.options.to_dict()},
+            "train": {"source": self.train_source, "options": self.options.to_dict(secrets=False)},
         }
 
     @classmethod

@@ -22,7 +22,7 @@ def clear(directory: str) -> None:
     if not tf.io.gfile.isdir(directory):
         return
     for name in tf.io.gfile.listdir(directory):
-        if name.startswith("ckpt-") or name in ("checkpoint", "model.keras"):
+        if name.startswith("ckpt-") or name in ("checkpoint", "model.keras", "model.h5"):
             path = f"{directory.rstrip('/')}/{name}"
             if tf.io.gfile.isdir(path):
                 tf.io.gfile.rmtree(path)

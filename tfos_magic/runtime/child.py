@@ -43,49 +43,23 @@ def _fail_result(exc: BaseException) -> dict[str, Any]:
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    from ..feed.arrow_feed import ArrowFeed
-    from ..feed.columns import FeedSpec
     from ..monitor import ChannelClient, make_event
-    from . import user_code
 
-    index = cfg["worker_index"]
+    role, index = cfg["role"], cfg["index"]
     channel = ChannelClient(cfg["channel_address"], cfg["job"], cfg["token"])
     if not channel.connected:
-        return {"status": "error", "error": f"TF worker {index} {channel.error}. The executors must reach the "
+        return {"status": "error", "error": f"TF {role} {index} {channel.error}. The executors must reach the "
                 "notebook's host: set TFOS_DRIVER_HOST (or spark.driver.host) to an address they can reach."}
-    channel.send(make_event("started", index, pid=os.getpid()))
+    channel.send(make_event("started", index, role=role, pid=os.getpid()))
     namespace: dict[str, Any] = {"__name__": "__tfos_train__"}
-    ctx = None
     result: dict[str, Any] = {"status": "ok"}
+    cleanup: list[Any] = []
     try:
-        import tensorflow as tf
-
-        from . import checkpoints, keras_fit
-        from .context import TrainContext
-
-        user_code.run_cell(cfg["train_source"], cfg["job"], namespace)
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        feed = ArrowFeed(sys.stdin.buffer, FeedSpec.from_dict(cfg["feed"]), cfg["spill_dir"])
-        opts = cfg["options"]
-        ctx = TrainContext(job=cfg["job"], strategy=strategy, feed=feed, worker_index=index,
-                           num_workers=cfg["num_workers"], checkpoint_dir=cfg["checkpoint_dir"],
-                           options=opts, channel=channel)
-        if ctx.is_chief:
-            checkpoints.ensure_writable(ctx.checkpoint_dir)
-            if opts.get("restart"):
-                checkpoints.clear(ctx.checkpoint_dir)
-        if "build_model" in namespace:
-            model = keras_fit.fit(namespace["build_model"], ctx, restart=bool(opts.get("restart")))
-        else:
-            model = namespace["train"](ctx)
-            feed.drain()
-        if isinstance(model, tf.keras.Model):
-            keras_fit.save_model(model, ctx)
-        result["rows"] = feed.rows
+        _train(cfg, channel, namespace, cleanup, result)
     except BaseException as exc:  # noqa: BLE001 - everything must reach the driver
         result = _fail_result(exc)
         traceback.print_exc()
-        channel.send(make_event("error", index, message=result["error"]))
+        channel.send(make_event("error", index, role=role, message=result["error"]))
     finally:
         shutdown = namespace.get("shutdown")
         if callable(shutdown):
@@ -93,11 +67,70 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                 shutdown()
             except Exception as exc:  # noqa: BLE001
                 print(f"tfos: shutdown() failed: {exc!r}", file=sys.stderr)
-        if ctx is not None:
-            ctx.close()
-        channel.send(make_event("finished", index, status=result["status"]))
+        for item in reversed(cleanup):
+            item.close()
+        channel.send(make_event("finished", index, role=role, status=result["status"]))
         channel.close()
     return result
+
+
+def _join_cluster(cfg: dict[str, Any], cleanup: list[Any]) -> dict[str, list[str]]:
+    """ps mode: register this task's address and wait for every PS and worker task."""
+    import socket
+
+    from ..cluster.registry import client_from_plan
+
+    registry = client_from_plan(cfg, int(cfg["attempt"]))
+    cleanup.append(registry)  # closing it ends this task's ephemeral ZooKeeper nodes
+    with socket.socket() as s:
+        s.bind((cfg["bind_host"], 0))
+        port = s.getsockname()[1]
+    registry.register(cfg["role"], cfg["index"], f"{cfg['bind_host']}:{port}")
+    opts = cfg["options"]
+    return registry.wait_cluster({"ps": opts["ps"], "worker": opts["workers"]}, timeout=opts["start_timeout"])
+
+
+def _train(cfg: dict[str, Any], channel: Any, namespace: dict[str, Any], cleanup: list[Any],
+           result: dict[str, Any]) -> None:
+    from ..feed.arrow_feed import ArrowFeed
+    from ..feed.columns import FeedSpec
+    from . import user_code
+
+    opts = cfg["options"]
+    ps_mode = opts["strategy"] == "ps"
+    cluster = _join_cluster(cfg, cleanup) if ps_mode else None
+    import tensorflow as tf
+
+    from . import checkpoints, keras_fit, ps_train
+    from .context import TrainContext
+
+    if ps_mode:
+        ps_train.graph_mode()
+        if cfg["role"] == "ps":
+            ps_train.serve(cluster, cfg["index"])
+            return
+        strategy: Any = ps_train.PSStrategy(cluster, cfg["index"])
+    user_code.run_cell(cfg["train_source"], cfg["job"], namespace)
+    if not ps_mode:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    feed = ArrowFeed(sys.stdin.buffer, FeedSpec.from_dict(cfg["feed"]), cfg["spill_dir"])
+    ctx = (ps_train.PSContext if ps_mode else TrainContext)(
+        job=cfg["job"], strategy=strategy, feed=feed, worker_index=cfg["index"], num_workers=cfg["num_workers"],
+        checkpoint_dir=cfg["checkpoint_dir"], options=opts, channel=channel)
+    cleanup.append(ctx)
+    if ctx.is_chief:
+        checkpoints.ensure_writable(ctx.checkpoint_dir)
+        if opts.get("restart") and int(cfg.get("attempt", 1)) == 1:
+            checkpoints.clear(ctx.checkpoint_dir)
+    runner = ps_train if ps_mode else keras_fit
+    if "build_model" in namespace:
+        model = runner.fit(namespace["build_model"], ctx, restart=bool(opts.get("restart")))
+    else:
+        model = namespace["train"](ctx)
+        feed.drain()
+    if isinstance(model, tf.keras.Model):
+        runner.save_model(model, ctx)
+    result["rows"] = feed.rows
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,84 @@
+"""Parameter-server mode on the shared local[2] session (1 PS + 1 worker fit in 2 slots),
+with the embedded registry and with a real ZooKeeper server."""
+
+import threading
+import time
+
+import pytest
+from conftest import run
+from kazoo.client import KazooClient
+
+from tfos_magic import JobFailed, TfosError, get_job
+
+ETL = """%%spark_etl {name}
+from pyspark.sql import functions as F
+spark.range({rows}, numPartitions=1).select(F.rand(1).alias("a"), F.rand(2).alias("b")) \\
+    .withColumn("y", 3 * F.col("a") - 2 * F.col("b") + 0.5)
+"""
+MODEL = """
+import tensorflow as tf
+def build_model():
+    m = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(8, activation="relu"),
+                             tf.keras.layers.Dense(1)])
+    m.compile(optimizer=tf.keras.optimizers.Adam(0.01), loss="mse")
+    return m
+"""
+
+
+@pytest.mark.slow
+def test_ps_job_trains_with_the_embedded_registry(shell):
+    run(shell, ETL.format(name="ps1", rows=20000))
+    _, err = run(shell, "%%tf_train ps1 --strategy ps --ps 1 --workers 1 --epochs 3 --batch-size 64 "
+                        "--label y --restart --gpus-per-worker 1\n" + MODEL)
+    assert err is None, err
+    job = get_job("ps1")
+    hist = job.history
+    assert job.state == "succeeded" and [h["epoch"] for h in hist] == [1, 2, 3]
+    assert hist[-1]["loss"] < 0.2 * hist[0]["loss"], hist
+    assert job.latest_checkpoint and job.load_model().predict([[0.5, 0.5]], verbose=0).shape == (1, 1)
+    started = {(e.get("role"), e["worker"]) for e in job.events if e["kind"] == "started"}
+    assert started == {("ps", 0), ("worker", 0)}
+
+
+@pytest.mark.slow
+def test_ps_job_registers_in_zookeeper_and_cleans_up(shell, zookeeper):
+    run(shell, ETL.format(name="pszk", rows=60000))
+    seen, stop = [], threading.Event()
+
+    def watch():
+        zk = KazooClient(hosts=zookeeper, auth_data=[("digest", "u:p")])
+        zk.start(timeout=10)
+        while not stop.is_set():
+            if zk.exists("/tfos/pszk/1/worker/0") and zk.exists("/tfos/pszk/1/ps/0"):
+                seen.append((zk.get("/tfos/pszk/1/ps/0")[0].decode(), zk.get("/tfos/pszk/1/worker/0")[0].decode()))
+            time.sleep(0.2)
+        seen.append(("after", zk.exists("/tfos/pszk")))
+        zk.stop()
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        _, err = run(shell, f"%%tf_train pszk --strategy ps --zookeeper {zookeeper} --zk-auth u:p "
+                            "--epochs 2 --batch-size 64 --label y --restart\n" + MODEL)
+    finally:
+        time.sleep(0.5)
+        stop.set()
+        t.join(30)
+    assert err is None, err
+    assert seen[0][0].startswith("127.0.0.1:") and seen[0][1].startswith("127.0.0.1:"), seen[:2]
+    assert seen[-1] == ("after", None), "the job's znodes are removed when it ends"
+    assert "u:***" in open(get_job("pszk").dir + "/spec.json").read()
+
+
+def test_ps_bad_input(shell, zookeeper):
+    from conftest import free_port
+
+    run(shell, ETL.format(name="psbad", rows=10))
+    err = run(shell, "%%tf_train psbad --strategy ps --ps 0 --label y\n" + MODEL)[1]
+    assert isinstance(err, TfosError) and "--ps 1" in str(err)
+    err = run(shell, "%%tf_train psbad --strategy ps --ps 1 --workers 2 --label y\n" + MODEL)[1]
+    assert isinstance(err, TfosError) and "needs 3 concurrent Spark tasks" in str(err) and "2 task slots" in str(err)
+    t0 = time.time()
+    err = run(shell, f"%%tf_train psbad --strategy ps --zookeeper 127.0.0.1:{free_port()} --label y\n" + MODEL)[1]
+    assert isinstance(err, TfosError) and "Cannot reach ZooKeeper" in str(err)
+    assert time.time() - t0 < 30

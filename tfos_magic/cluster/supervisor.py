@@ -1,0 +1,163 @@
+"""Driver side: run one attempt of a job as Spark jobs and watch it to its end.
+
+An attempt is the worker job (a barrier `mapInArrow`, one task per TF worker) and,
+in ps mode, the PS job (one long-running task per parameter server). The
+supervisor ends the PS job when the workers finish, and tears the whole attempt
+down when any task fails, saying whether a restart may help (a crash, a lost
+executor) or not (an error in the cell or the data). Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pyspark import InheritableThread
+
+from ..errors import TfosError
+from ..job import JobStore
+
+POLL_S = 0.2
+ERROR_GRACE_S = 2.0
+CANCEL_WAIT_S = 60.0
+# Complaints of a worker whose peer died: symptoms, never the cause.
+_SECONDARY = re.compile(r"Collective ops is aborted|UnavailableError|CancelledError|unhealthy|Socket closed")
+
+
+@dataclass
+class RunMonitor:
+    """A run's events from the channel: appended to metrics.jsonl, and watched here."""
+
+    store: JobStore
+    job: str
+    run: int
+    attempt: int = 1
+    started: set[tuple[str, int]] = field(default_factory=set)
+    errors: list[tuple[str, bool]] = field(default_factory=list)  # (message, retryable)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def new_attempt(self, attempt: int) -> None:
+        with self._lock:
+            self.attempt, self.started, self.errors = attempt, set(), []
+
+    def sink(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            event["run"], event["attempt"] = self.run, self.attempt
+            role = event.get("role", "worker")
+            if event.get("kind") == "started":
+                self.started.add((role, int(event.get("worker", -1))))
+            elif event.get("kind") == "error":
+                message = f"{role} {event.get('worker')}: {event.get('message')}"
+                self.errors.append((message, bool(event.get("retryable")) or bool(_SECONDARY.search(message))))
+            self.store.append_events(self.job, [event])
+
+    def root_error(self) -> str | None:
+        """The first error that is a cause, not a peer's complaint that a collective broke."""
+        causes = [m for m, _ in self.errors if not _SECONDARY.search(m)]
+        return (causes or [m for m, _ in self.errors] or [None])[0]
+
+    def retryable(self) -> bool:
+        return all(r for _, r in self.errors)
+
+
+class AttemptFailed(TfosError):
+    def __init__(self, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def _spark_error_message(exc: BaseException) -> str:
+    text = str(exc)
+    m = re.search(r"WorkerFailed: (.*?)(?:\n\s+at |\n\tat |\nTraceback|\Z)", text, re.S)
+    if m:
+        return m.group(1).strip()
+    if "No module named 'tfos_magic'" in text or "No module named 'tensorflow'" in text:
+        return ("The Spark executors' Python cannot import tfos_magic/TensorFlow. Point "
+                "spark.pyspark.python (or PYSPARK_PYTHON) at a Python that has tfos-magic installed.")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"Spark job failed: {first[:2000]}"
+
+
+class SparkJob:
+    """One Spark action in its own job group and thread, so it can be watched and cancelled."""
+
+    def __init__(self, sc, group: str, description: str, action: Callable[[], Any]) -> None:
+        self.sc, self.group, self.error, self.result = sc, group, None, None
+
+        def body() -> None:
+            sc.setJobGroup(group, description, interruptOnCancel=True)
+            try:
+                self.result = action()
+            except BaseException as exc:  # noqa: BLE001 - handed to the watching thread
+                self.error = exc
+
+        self.thread = InheritableThread(target=body, name=group, daemon=True)
+        self.thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    def stage_active(self) -> bool:
+        """Whether the job's last stage (the TF tasks; earlier ones are the user's ETL) runs."""
+        tracker = self.sc.statusTracker()
+        for job_id in tracker.getJobIdsForGroup(self.group):
+            info = tracker.getJobInfo(job_id)
+            stage = tracker.getStageInfo(max(info.stageIds)) if info and info.stageIds else None
+            if stage and stage.numActiveTasks > 0:
+                return True
+        return False
+
+    def cancel(self) -> None:
+        self.sc.cancelJobGroup(self.group)
+        self.thread.join(CANCEL_WAIT_S)
+
+
+def run_attempt(sc, workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
+                expected: list[tuple[str, int]], start_timeout: float) -> None:
+    """Watch one attempt; return when the workers succeed, raise AttemptFailed otherwise.
+
+    Whatever happens, both Spark jobs are over when this returns or raises.
+    """
+    try:
+        _watch(workers, ps, monitor, expected, start_timeout)
+    finally:
+        for job in (workers, ps):
+            if job is not None and job.running:
+                job.cancel()
+
+
+def _watch(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
+           expected: list[tuple[str, int]], start_timeout: float) -> None:
+    running_since: float | None = None
+    first_error: float | None = None
+    while True:
+        workers.thread.join(POLL_S)
+        if monitor.errors:
+            # Wait a moment so that the failing task's own report can arrive after its peers'.
+            first_error = first_error or time.time()
+            if time.time() - first_error > ERROR_GRACE_S or not workers.running:
+                raise AttemptFailed(monitor.root_error() or "a TF task failed", monitor.retryable())
+            continue
+        if not workers.running:
+            if workers.error is not None:
+                # Failed with no report from our code: a lost executor or a killed task.
+                raise AttemptFailed(_spark_error_message(workers.error), retryable=True)
+            return
+        if ps is not None and not ps.running:
+            message = _spark_error_message(ps.error) if ps.error else "the parameter-server job ended"
+            raise AttemptFailed(f"parameter server lost: {message}", retryable=True)
+        if set(expected) <= monitor.started:
+            continue
+        if running_since is None:
+            if workers.stage_active():
+                running_since = time.time()
+        elif time.time() - running_since > start_timeout:
+            absent = [f"{r}/{i}" for r, i in expected if (r, i) not in monitor.started]
+            raise AttemptFailed(
+                f"Only {len(monitor.started)} of {len(expected)} TF tasks started within {start_timeout:.0f}s "
+                f"(never started: {', '.join(absent)}). The cluster may lack free task slots or the executors "
+                "cannot start Python processes; check the Spark UI, or raise --start-timeout.", retryable=False)

@@ -1,0 +1,177 @@
+"""Parameter-server training: between-graph replication with variables on the PS tasks.
+
+Each worker builds its own TF1-style graph under `replica_device_setter`: variables
+live on the PS tasks, while the compute and the input pipeline, fed by this worker's
+own Arrow stream, stay on the worker. Workers update the shared variables
+asynchronously. TF2's ClusterCoordinator was not used: its per-worker datasets are
+functions traced in the coordinator, and a Python (from_generator) feed there runs
+in the coordinator's process, so every batch would pass through it
+(docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any, Callable
+
+import tensorflow as tf
+
+from ..errors import TfosError
+from .context import Throttle, TrainContext
+
+MODEL_FILE = "model.h5"
+SESSION_WAIT_S = 120.0
+
+
+def graph_mode() -> None:
+    """TF1 graphs, and the legacy optimizers that can build graph updates (`get_updates`).
+
+    Called before the user's cell runs, so `tf.keras.optimizers.Adam(...)` in it gives the
+    legacy class; Keras 2's new optimizers cannot run with eager execution disabled.
+    """
+    tf.compat.v1.disable_eager_execution()
+    for name in dir(tf.keras.optimizers.legacy):
+        cls = getattr(tf.keras.optimizers.legacy, name)
+        if isinstance(cls, type):
+            setattr(tf.keras.optimizers, name, cls)
+
+
+def serve(cluster: dict[str, list[str]], index: int) -> None:
+    """A PS task: host the variables until the driver ends the Spark job (which kills us)."""
+    server = tf.distribute.Server(tf.train.ClusterSpec(cluster), job_name="ps", task_index=index)
+    server.join()
+
+
+class PSStrategy:
+    """`ctx.strategy` in ps mode: `with ctx.strategy.scope():` puts variables on the PS tasks."""
+
+    def __init__(self, cluster: dict[str, list[str]], index: int) -> None:
+        self.cluster_spec = tf.train.ClusterSpec(cluster)
+        self.worker_index = index
+        self.server = tf.distribute.Server(self.cluster_spec, job_name="worker", task_index=index)
+        self.num_replicas_in_sync = 1
+
+    def scope(self):
+        return tf.compat.v1.device(tf.compat.v1.train.replica_device_setter(
+            cluster=self.cluster_spec, worker_device=f"/job:worker/task:{self.worker_index}"))
+
+
+class PSContext(TrainContext):
+    """`ctx` in ps mode: TF1 graph code builds under `ctx.strategy.scope()`, then runs in
+    `ctx.session()`; `ctx.save(sess)` checkpoints (chief only)."""
+
+    _saver: Any = None
+
+    @property
+    def global_step(self):
+        with self.strategy.scope():
+            return tf.compat.v1.train.get_or_create_global_step()
+
+    def session(self, saver: Any = None):
+        """The chief restores the latest checkpoint or initialises; the others wait for it."""
+        self._saver = saver or self._saver or tf.compat.v1.train.Saver(max_to_keep=3)
+        manager = tf.compat.v1.train.SessionManager(
+            ready_op=tf.compat.v1.report_uninitialized_variables(), recovery_wait_secs=0.5)
+        target = self.strategy.server.target
+        config = tf.compat.v1.ConfigProto(device_filters=["/job:ps", f"/job:worker/task:{self.worker_index}"])
+        if self.is_chief:
+            return manager.prepare_session(target, init_op=tf.compat.v1.global_variables_initializer(),
+                                           saver=self._saver, checkpoint_dir=self.checkpoint_dir, config=config)
+        return manager.wait_for_session(target, config=config, max_wait_secs=SESSION_WAIT_S)
+
+    def save(self, sess: Any, step: int | None = None, epoch: int | None = None) -> str | None:
+        if not self.is_chief:
+            return None
+        step = int(sess.run(self.global_step)) if step is None else step
+        path = self._saver.save(sess, f"{self.checkpoint_dir.rstrip('/')}/ckpt", global_step=step)
+        self.send("checkpoint", path=path, step=step, epoch=epoch)
+        return path
+
+    def distributed_dataset(self, batch_size: int | None = None, split: str = "train"):
+        return self.dataset(batch_size) if split == "train" else self.validation_dataset(batch_size)
+
+
+def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
+    every = ctx.options.get("checkpoint_every_steps") or 0
+    with ctx.strategy.scope():
+        step_var = tf.compat.v1.train.get_or_create_global_step()
+        epoch_var = tf.compat.v1.Variable(0, dtype=tf.int64, trainable=False, name="tfos_epoch")
+        model = build_model()
+        if not isinstance(model, tf.keras.Model) or getattr(model, "optimizer", None) is None:
+            raise TfosError("build_model() must return a compiled tf.keras model (call model.compile first).")
+        data = tf.compat.v1.data.make_initializable_iterator(ctx.dataset())
+        x, y = data.get_next()
+        loss = _loss(model, y, model(x, training=True))
+        updates = model.optimizer.get_updates(loss, model.trainable_weights)
+        train_op = tf.group(*updates, *model.get_updates_for(None), step_var.assign_add(1))
+        val = ctx.validation_dataset()
+        if val is not None:
+            val_it = tf.compat.v1.data.make_initializable_iterator(val)
+            vx, vy = val_it.get_next()
+            val_loss = _loss(model, vy, model(vx, training=False))
+        finished_epochs = tf.compat.v1.placeholder(tf.int64, ())
+        next_epoch = epoch_var.assign(finished_epochs)
+    sess = ctx.session(tf.compat.v1.train.Saver(max_to_keep=3))
+    tf.compat.v1.keras.backend.set_session(sess)
+    step, initial_epoch = (int(v) for v in sess.run([step_var, epoch_var]))
+    ctx.send("training", initial_step=step, initial_epoch=initial_epoch,
+             restored_from=tf.train.latest_checkpoint(ctx.checkpoint_dir) if step else None)
+    throttle = Throttle(1.0)
+    last_saved = step
+    for epoch in range(initial_epoch, ctx.epochs):
+        sess.run(data.initializer)
+        total, steps, rows0, t0 = 0.0, 0, ctx.feed.rows_delivered, time.monotonic()
+        while True:
+            try:
+                _, value, step = sess.run([train_op, loss, step_var])
+            except tf.errors.OutOfRangeError:
+                break
+            total, steps = total + float(value), steps + 1
+            if throttle():
+                ctx.report(step=int(step), loss=total / steps,
+                           rows_per_s=(ctx.feed.rows_delivered - rows0) / (time.monotonic() - t0))
+            if every and ctx.is_chief and step - last_saved >= every:
+                ctx.save(sess, int(step), epoch=epoch)
+                last_saved = step
+        metrics = {"loss": total / max(steps, 1),
+                   "rows_per_s": (ctx.feed.rows_delivered - rows0) / (time.monotonic() - t0)}
+        if val is not None:
+            metrics["val_loss"] = _evaluate(sess, val_it, val_loss)
+        ctx.report(step=int(step), epoch=epoch + 1, **metrics)
+        if ctx.is_chief:
+            sess.run(next_epoch, feed_dict={finished_epochs: epoch + 1})
+            ctx.save(sess, int(step), epoch=epoch + 1)
+            last_saved = step
+    ctx.feed.drain()
+    return model
+
+
+def _loss(model: Any, y: Any, pred: Any) -> Any:
+    losses = getattr(model, "loss_functions", None)  # Keras' wrappers handle (n,) vs (n, 1)
+    if losses:
+        return losses[0](y, pred)
+    return tf.reduce_mean(tf.keras.losses.get(model.loss)(y, pred))
+
+
+def _evaluate(sess: Any, iterator: Any, loss: Any) -> float:
+    sess.run(iterator.initializer)
+    total, n = 0.0, 0
+    while True:
+        try:
+            total, n = total + float(sess.run(loss)), n + 1
+        except tf.errors.OutOfRangeError:
+            return total / max(n, 1)
+
+
+def save_model(model: Any, ctx: PSContext) -> None:
+    """The chief writes the trained model (HDF5: graph-mode Keras cannot write .keras)."""
+    if not ctx.is_chief:
+        return
+    path = f"{ctx.checkpoint_dir.rstrip('/')}/{MODEL_FILE}"
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, MODEL_FILE)
+        model.save(local)
+        tf.io.gfile.copy(local, path, overwrite=True)
+    ctx.send("model", path=path)
