@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -137,3 +138,55 @@ def zookeeper(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def spark_standalone(tmp_path_factory):
+    """A real Spark standalone cluster on 127.0.0.1: a master and 2 workers with 2 cores each,
+    started through pyspark's own spark-class. Yields the master URL."""
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    import pyspark
+
+    home = os.path.dirname(pyspark.__file__)
+    root = tmp_path_factory.mktemp("standalone")
+    env = dict(os.environ, SPARK_HOME=home, SPARK_LOCAL_IP="127.0.0.1", SPARK_LOG_DIR=str(root),
+               SPARK_WORKER_DIR=str(root / "work"), PYSPARK_PYTHON=sys.executable)
+    port, ui = free_port(), free_port()
+    url = f"spark://127.0.0.1:{port}"
+    cls = os.path.join(home, "bin", "spark-class")
+    procs = []
+
+    def start(args, name):
+        log = open(root / f"{name}.log", "wb")
+        procs.append(subprocess.Popen([cls, *args], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                      start_new_session=True))
+
+    start(["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+           "--webui-port", str(ui)], "master")
+    for i in range(2):
+        start(["org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "2", "--memory", "4g",
+               "--webui-port", str(free_port()), url], f"worker{i}")
+    deadline = time.time() + 120
+    while True:
+        try:
+            state = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{ui}/json/", timeout=2).read())
+            if sum(w.get("state") == "ALIVE" for w in state.get("workers", [])) == 2:
+                break
+        except OSError:
+            pass
+        if time.time() > deadline or any(p.poll() is not None for p in procs):
+            logs = "\n".join((root / f).read_text()[-1500:] for f in ("master.log", "worker0.log", "worker1.log"))
+            raise RuntimeError(f"Spark standalone cluster did not start:\n{logs}")
+        time.sleep(1)
+    yield url
+    for p in procs:
+        os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)

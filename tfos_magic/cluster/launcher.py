@@ -115,10 +115,10 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore,
     run = int((store.read_state(name) or {}).get("run", 0)) + 1
     monitor = RunMonitor(store, name, run)
     channel = DriverChannel.get()
-    token = channel.register(name, monitor.sink, registry.handle if isinstance(registry, EmbeddedRegistry) else None)
+    requests = registry.handle if isinstance(registry, EmbeddedRegistry) else None
     driver_host, worker_host = _hosts(sc)
     plan = {
-        "job": name, "run": run, "token": token, "channel_address": f"{driver_host}:{channel.port}",
+        "job": name, "run": run, "channel_address": f"{driver_host}:{channel.port}",
         "host": worker_host, "train_source": spec.train_source, "feed": feed.to_dict(),
         "options": opts.to_dict(), "checkpoint_dir": checkpoint_dir, "registry": registry_plan,
     }
@@ -132,6 +132,9 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore,
     try:
         for attempt in range(1, opts.max_restarts + 2):
             monitor.new_attempt(attempt)
+            # A fresh token per attempt: registering it closes the previous attempt's channel,
+            # which makes any of its TF processes still alive exit at once.
+            plan["token"] = channel.register(name, monitor.sink_for(attempt), requests)
             plan["attempt"] = attempt
             store.write_state(name, attempt=attempt, job_group=f"tfos-{name}-run{run}-a{attempt}")
             try:

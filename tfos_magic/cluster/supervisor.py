@@ -43,16 +43,21 @@ class RunMonitor:
         with self._lock:
             self.attempt, self.started, self.errors = attempt, set(), []
 
-    def sink(self, event: dict[str, Any]) -> None:
+    def sink_for(self, attempt: int) -> Callable[[dict[str, Any]], None]:
+        return lambda event: self.sink(event, attempt)
+
+    def sink(self, event: dict[str, Any], attempt: int) -> None:
         with self._lock:
-            event["run"], event["attempt"] = self.run, self.attempt
+            event["run"], event["attempt"] = self.run, attempt
+            self.store.append_events(self.job, [event])
+            if attempt != self.attempt:
+                return  # a late word from an attempt already over
             role = event.get("role", "worker")
             if event.get("kind") == "started":
                 self.started.add((role, int(event.get("worker", -1))))
             elif event.get("kind") == "error":
                 message = f"{role} {event.get('worker')}: {event.get('message')}"
                 self.errors.append((message, bool(event.get("retryable")) or bool(_SECONDARY.search(message))))
-            self.store.append_events(self.job, [event])
 
     def root_error(self) -> str | None:
         """The first error that is a cause, not a peer's complaint that a collective broke."""

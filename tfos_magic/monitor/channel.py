@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import secrets
 import socket
 import socketserver
@@ -43,6 +44,14 @@ class _Handler(socketserver.StreamRequestHandler):
         sink, requests = entry
         self._reply({"ok": True})
         self.connection.settimeout(None)
+        job = str(hello["job"])
+        self.server.owner.attach(job, self.connection)
+        try:
+            self._serve(sink, requests)
+        finally:
+            self.server.owner.detach(job, self.connection)
+
+    def _serve(self, sink: Sink, requests: Handler | None) -> None:
         for line in self.rfile:
             try:
                 msg = json.loads(line)
@@ -84,6 +93,7 @@ class DriverChannel:
 
     def __init__(self, bind_host: str = "0.0.0.0") -> None:
         self._jobs: dict[str, tuple[str, Sink, Handler | None]] = {}
+        self._conns: dict[str, set[socket.socket]] = {}
         self._server = _Server(self, bind_host)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="tfos-channel", daemon=True)
@@ -98,13 +108,36 @@ class DriverChannel:
 
     def register(self, job: str, sink: Sink, requests: Handler | None = None) -> str:
         """Accept events (and requests, e.g. the embedded registry's) for `job` with a fresh
-        secret token, which is returned."""
+        secret token, which is returned.
+
+        Registering again (a new attempt) fences off the old one: its token stops working
+        and its connections are closed, which makes its TF processes exit.
+        """
         token = secrets.token_hex(16)
+        self._close_connections(job)
         self._jobs[job] = (token, sink, requests)
         return token
 
     def unregister(self, job: str) -> None:
         self._jobs.pop(job, None)
+        self._close_connections(job)
+
+    def attach(self, job: str, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.setdefault(job, set()).add(conn)
+
+    def detach(self, job: str, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.get(job, set()).discard(conn)
+
+    def _close_connections(self, job: str) -> None:
+        with self._lock:
+            conns = self._conns.pop(job, set())
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def authenticate(self, hello: Any) -> tuple[Sink, Handler | None] | None:
         if not isinstance(hello, dict) or hello.get("v") != 1:
@@ -127,7 +160,8 @@ class ChannelClient:
     refuses to start without it, since the notebook would see neither progress nor history.
     """
 
-    def __init__(self, address: str, job: str, token: str, timeout: float = 10.0) -> None:
+    def __init__(self, address: str, job: str, token: str, timeout: float = 10.0,
+                 on_close: Callable[[], None] | None = None) -> None:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self.error: str | None = None
@@ -141,9 +175,26 @@ class ChannelClient:
                 raise ConnectionRefusedError(f"driver refused the metrics channel: {reply}")
             sock.settimeout(timeout)
             self._sock = sock
+            if on_close is not None:  # the notebook ended this run (or died): tell the owner
+                threading.Thread(target=self._watch_close, args=(on_close,), daemon=True).start()
         except (OSError, ValueError) as exc:
             self.error = f"cannot open the metrics channel to the notebook at {address}: {exc}"
             print(f"tfos: {self.error}", file=sys.stderr)
+
+    def _watch_close(self, on_close: Callable[[], None]) -> None:
+        """Events flow one way, so anything read here means the server closed the connection."""
+        sock = self._sock
+        if sock is None:
+            return
+        dup = socket.socket(fileno=os.dup(sock.fileno()))
+        dup.settimeout(None)
+        try:
+            while dup.recv(4096):
+                pass
+        except OSError:
+            pass
+        if self._sock is not None:  # not closed by its owner
+            on_close()
 
     @property
     def connected(self) -> bool:
@@ -175,5 +226,9 @@ class ChannelClient:
     def close(self) -> None:
         with self._lock:
             if self._sock is not None:
-                self._sock.close()
-                self._sock = None
+                sock, self._sock = self._sock, None
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # also ends the close watcher's duplicate
+                except OSError:
+                    pass
+                sock.close()

@@ -42,11 +42,18 @@ def _fail_result(exc: BaseException) -> dict[str, Any]:
     return {"status": "error", "error": message, "traceback": traceback.format_exc()}
 
 
+def _fenced() -> None:
+    """The notebook closed this attempt (a restart, a cancel, or the kernel is gone): stop now,
+    before this process writes another checkpoint over the next attempt's."""
+    print("tfos: the notebook ended this attempt; exiting", file=sys.stderr, flush=True)
+    os._exit(75)
+
+
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     from ..monitor import ChannelClient, make_event
 
     role, index = cfg["role"], cfg["index"]
-    channel = ChannelClient(cfg["channel_address"], cfg["job"], cfg["token"])
+    channel = ChannelClient(cfg["channel_address"], cfg["job"], cfg["token"], on_close=_fenced)
     if not channel.connected:
         return {"status": "error", "error": f"TF {role} {index} {channel.error}. The executors must reach the "
                 "notebook's host: set TFOS_DRIVER_HOST (or spark.driver.host) to an address they can reach."}
