@@ -24,6 +24,7 @@ from ..errors import TfosError
 Members = dict[str, dict[int, str]]  # role -> index -> host:port
 ZK_CONNECT_TIMEOUT_S = 10.0
 POLL_S = 0.2
+ROOT = "/tfos"
 
 
 class RegistryError(TfosError):
@@ -132,7 +133,7 @@ class EmbeddedRegistryClient(RegistryClient):
 def _zk_client(hosts: str, auth: str | None):
     from kazoo.client import KazooClient
     from kazoo.handlers.threading import KazooTimeoutError
-    from kazoo.security import make_digest_acl
+    from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
 
     kwargs: dict[str, Any] = {}
     if auth:
@@ -148,11 +149,13 @@ def _zk_client(hosts: str, auth: str | None):
             f"Cannot reach ZooKeeper at {hosts} within {ZK_CONNECT_TIMEOUT_S:.0f}s. Check --zookeeper "
             "(host:port[/chroot]) or TFOS_ZOOKEEPER, or leave both unset to use the embedded registry."
         ) from None
+    # /tfos is shared by every job and user: open; a job's own nodes get the job's ACL.
+    client.ensure_path(ROOT, acl=OPEN_ACL_UNSAFE)
     return client
 
 
 def job_path(job: str) -> str:
-    return f"/tfos/{job}"
+    return f"{ROOT}/{job}"
 
 
 class ZooKeeperRegistryClient(RegistryClient):
@@ -206,7 +209,14 @@ class ZooKeeperView:
         return zk_members(self._zk, f"{job_path(self.job)}/{attempt}")
 
     def clear(self) -> None:
-        self._zk.delete(job_path(self.job), recursive=True) if self._zk.exists(job_path(self.job)) else None
+        from kazoo.exceptions import NoAuthError
+
+        try:
+            if self._zk.exists(job_path(self.job)):
+                self._zk.delete(job_path(self.job), recursive=True)
+        except NoAuthError:
+            raise RegistryError(f"The znodes {job_path(self.job)} belong to other credentials: pass the same "
+                                "--zk-auth as before, or remove them with zkCli.sh.") from None
 
     def close(self) -> None:
         try:
