@@ -82,3 +82,45 @@ def test_ps_bad_input(shell, zookeeper):
     err = run(shell, f"%%tf_train psbad --strategy ps --zookeeper 127.0.0.1:{free_port()} --label y\n" + MODEL)[1]
     assert isinstance(err, TfosError) and "Cannot reach ZooKeeper" in str(err)
     assert time.time() - t0 < 30
+
+
+@pytest.mark.slow
+def test_ps_custom_loop_puts_variables_on_the_ps_and_no_ps_outlives_the_job(shell):
+    run(shell, ETL.format(name="psloop", rows=20000))
+    cell = """%%tf_train psloop --strategy ps --epochs 3 --batch-size 64 --label y --restart
+import tensorflow as tf
+
+def train(ctx):
+    with ctx.strategy.scope():
+        step = ctx.global_step
+        w = tf.compat.v1.get_variable("w", shape=(2, 1), initializer=tf.compat.v1.zeros_initializer())
+        b = tf.compat.v1.get_variable("b", shape=(1,), initializer=tf.compat.v1.zeros_initializer())
+        batches = tf.compat.v1.data.make_initializable_iterator(ctx.dataset())
+        x, y = batches.get_next()
+        loss = tf.reduce_mean(tf.square(tf.squeeze(tf.matmul(x, w) + b, -1) - y))
+        train_op = tf.compat.v1.train.AdamOptimizer(0.05).minimize(loss, global_step=step)
+    sess = ctx.session()
+    for epoch in range(ctx.epochs):
+        sess.run(batches.initializer)
+        total, n = 0.0, 0
+        while True:
+            try:
+                _, value = sess.run([train_op, loss])
+            except tf.errors.OutOfRangeError:
+                break
+            total, n = total + value, n + 1
+        ctx.report(step=int(sess.run(step)), epoch=epoch + 1, loss=total / n, w_device=w.device)
+        ctx.save(sess, epoch=epoch + 1)
+"""
+    _, err = run(shell, cell)
+    assert err is None, err
+    job = get_job("psloop")
+    hist = job.history
+    assert [h["epoch"] for h in hist] == [1, 2, 3] and hist[-1]["loss"] < 0.2 * hist[0]["loss"], hist
+    assert hist[0]["w_device"].startswith("/job:ps/task:0"), hist[0]
+    assert job.latest_checkpoint
+    import psutil
+
+    time.sleep(1)
+    leftover = [p for p in psutil.process_iter(["cmdline"]) if "tfos-psloop-ps" in " ".join(p.info["cmdline"] or [])]
+    assert leftover == [], "the PS job ends when the workers finish"

@@ -89,6 +89,10 @@ class PSContext(TrainContext):
         self.send("checkpoint", path=path, step=step, epoch=epoch)
         return path
 
+    def checkpoint(self, **objects: Any):
+        raise TfosError("In --strategy ps, checkpoint with ctx.save(sess): ctx.session() restores the latest "
+                        "checkpoint for you.")
+
     def distributed_dataset(self, batch_size: int | None = None, split: str = "train"):
         return self.dataset(batch_size) if split == "train" else self.validation_dataset(batch_size)
 
