@@ -190,3 +190,18 @@ def spark_standalone(tmp_path_factory):
             p.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
+
+
+def tf_processes(pattern: str = "tfos_magic.runtime.child") -> list:
+    """Live processes whose command line contains `pattern` (TF task processes by default;
+    their work dir names hold the job, role and index: tfos-JOB-worker1-...)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if pattern in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found

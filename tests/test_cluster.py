@@ -13,8 +13,8 @@ import os
 import signal
 import time
 
-import psutil
 import pytest
+from conftest import tf_processes
 from jupyter_client.manager import start_new_kernel
 
 from tfos_magic import get_job
@@ -96,17 +96,6 @@ def test_allreduce_job_on_a_standalone_cluster(cluster_kernel):
     assert job.state == "succeeded" and _loss_drop(job) < 0.2, job.history
 
 
-def _tf_processes(pattern):
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if pattern in " ".join(p.info["cmdline"] or []):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
-
-
 def test_killed_worker_restarts_from_the_latest_checkpoint(cluster_kernel):
     kernel, home = cluster_kernel
     interval = 40
@@ -124,7 +113,7 @@ def test_killed_worker_restarts_from_the_latest_checkpoint(cluster_kernel):
         time.sleep(0.3)
     else:
         pytest.fail("training did not reach two checkpoints")
-    victims = _tf_processes("tfos-kill_sa-worker1-")
+    victims = tf_processes("tfos-kill_sa-worker1-")
     assert len(victims) == 1
     victims[0].send_signal(signal.SIGKILL)
     reply = kernel.kc.get_shell_msg(timeout=600)
@@ -139,6 +128,6 @@ def test_killed_worker_restarts_from_the_latest_checkpoint(cluster_kernel):
     assert resumed[0]["initial_step"] > 0 and resumed[0]["restored_from"]
     assert before - resumed[0]["initial_step"] <= interval, (before, resumed[0])
     time.sleep(2)
-    assert _tf_processes("tfos-kill_sa-ps") == [], "no PS task is left running"
+    assert tf_processes("tfos-kill_sa-ps") == [], "no PS task is left running"
     reply, out = kernel.run("assert spark.sparkContext.statusTracker().getActiveJobsIds() == []")
     assert reply["status"] == "ok", out

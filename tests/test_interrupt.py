@@ -2,25 +2,11 @@
 
 import time
 
-import psutil
 import pytest
+from conftest import tf_processes
 from jupyter_client.manager import start_new_kernel
 
 from tfos_magic import get_job
-
-CHILD = "tfos_magic.runtime.child"
-
-
-def _children():
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if CHILD in " ".join(p.info["cmdline"] or []):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
-
 
 def _execute(kc, code, timeout=300):
     msg_id = kc.execute(code)
@@ -53,16 +39,16 @@ def test_interrupt_stops_the_job_and_its_processes(tmp_path, monkeypatch, tfos_k
             time.sleep(0.5)
         else:
             pytest.fail("training never started")
-        assert len(_children()) == 2
+        assert len(tf_processes("tfos-long-")) == 2
         t0 = time.time()
         km.interrupt_kernel()
         reply = kc.get_shell_msg(timeout=120)
         assert reply["parent_header"]["msg_id"] == train
         assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
         assert get_job("long", str(home)).state == "stopped"
-        while _children() and time.time() - t0 < 60:
+        while tf_processes("tfos-long-") and time.time() - t0 < 60:
             time.sleep(0.5)
-        assert _children() == [], "TF worker processes outlived the interrupt"
+        assert tf_processes("tfos-long-") == [], "TF worker processes outlived the interrupt"
         reply = _execute(kc, "assert spark.sparkContext.statusTracker().getActiveJobsIds() == []")
         assert reply["content"]["status"] == "ok", reply["content"]
     finally:

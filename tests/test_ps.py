@@ -5,7 +5,7 @@ import threading
 import time
 
 import pytest
-from conftest import run
+from conftest import run, tf_processes
 from kazoo.client import KazooClient
 
 from tfos_magic import JobFailed, TfosError, get_job
@@ -119,8 +119,5 @@ def train(ctx):
     assert [h["epoch"] for h in hist] == [1, 2, 3] and hist[-1]["loss"] < 0.2 * hist[0]["loss"], hist
     assert hist[0]["w_device"].startswith("/job:ps/task:0"), hist[0]
     assert job.latest_checkpoint
-    import psutil
-
     time.sleep(1)
-    leftover = [p for p in psutil.process_iter(["cmdline"]) if "tfos-psloop-ps" in " ".join(p.info["cmdline"] or [])]
-    assert leftover == [], "the PS job ends when the workers finish"
+    assert tf_processes("tfos-psloop-ps") == [], "the PS job ends when the workers finish"
