@@ -8,7 +8,7 @@ import pytest
 from conftest import run, tf_processes
 from kazoo.client import KazooClient
 
-from tfos_magic import JobFailed, TfosError, get_job
+from tfos_magic import TfosError, get_job
 
 ETL = """%%spark_etl {name}
 from pyspark.sql import functions as F

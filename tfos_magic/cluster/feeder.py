@@ -65,7 +65,9 @@ def _tail(path: str) -> str:
         return ""
 
 
-def _agree_cluster(task: Any, host: str, first: pa.RecordBatch | None, feed: dict[str, Any]) -> tuple[list[str], dict[str, int]]:
+def _agree_cluster(task: Any, host: str, first: pa.RecordBatch | None,
+                   feed: dict[str, Any]) -> tuple[list[str], dict[str, int]]:
+    """Each task's TF address and array column lengths, shared with all; empty and ragged data fail here."""
     from ..feed.arrow_feed import array_lengths
     from ..feed.columns import FeedSpec
 

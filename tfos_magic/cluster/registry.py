@@ -68,8 +68,8 @@ class RegistryClient(ABC):
     def _wait_change(self, seconds: float) -> None:
         time.sleep(min(seconds, POLL_S))
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - most clients hold nothing to release
+        """Release the connection (ends a ZooKeeper client's ephemeral nodes)."""
 
 
 # --- embedded ------------------------------------------------------------
