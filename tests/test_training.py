@@ -77,17 +77,18 @@ def test_validation_dict_inputs_arrays_step_checkpoints_and_shutdown(shell, mark
 
 
 @pytest.mark.slow
-def test_shutdown_runs_after_a_failure_and_the_error_names_the_cell_line(shell, markers):
+def test_shutdown_runs_after_a_failure_and_the_error_names_the_cell_line(shell, markers, capsys):
     run(shell, "%%spark_etl boom\nspark.range(100).selectExpr('rand() as a', 'rand() as y')\n")
     cell = ("%%tf_train boom --workers 2 --label y\nimport os\n"
             "def train(ctx):\n"
             "    for x, y in ctx.dataset(10):\n"
-            "        raise RuntimeError('bad idea')\n"
+            "        raise RuntimeError(f'bad idea {print(\"looking at\", len(y), \"rows\")}')\n"
             "def shutdown():\n"
             "    open(os.path.join(MARKERS, f'down-{os.getpid()}'), 'w').close()\n"
             f"MARKERS = {str(markers)!r}\n")
     _, err = run(shell, cell)
     assert isinstance(err, JobFailed), err
     assert "RuntimeError: bad idea" in str(err) and "cell line 5" in str(err)
+    assert "[worker 0] looking at 10 rows" in capsys.readouterr().out, "prints reach the notebook"
     assert get_job("boom").state == "failed"
     assert len(list(markers.iterdir())) >= 1

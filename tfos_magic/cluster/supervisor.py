@@ -37,6 +37,7 @@ class RunMonitor:
     attempt: int = 1
     started: set[tuple[str, int]] = field(default_factory=set)
     errors: list[tuple[str, bool]] = field(default_factory=list)  # (message, retryable)
+    logs: list[str] = field(default_factory=list)  # printed by the cell, not yet shown
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def new_attempt(self, attempt: int) -> None:
@@ -53,11 +54,21 @@ class RunMonitor:
             if attempt != self.attempt:
                 return  # a late word from an attempt already over
             role = event.get("role", "worker")
-            if event.get("kind") == "started":
+            if event.get("kind") == "log":
+                self.logs.append(f"[{role} {event.get('worker')}] {event.get('text', '')}")
+            elif event.get("kind") == "started":
                 self.started.add((role, int(event.get("worker", -1))))
             elif event.get("kind") == "error":
                 message = f"{role} {event.get('worker')}: {event.get('message')}"
                 self.errors.append((message, bool(event.get("retryable")) or bool(_SECONDARY.search(message))))
+
+    def show_logs(self) -> None:
+        """Print what the cell printed on the workers; called from the kernel's main thread,
+        so the output lands in the running cell."""
+        with self._lock:
+            lines, self.logs = self.logs, []
+        for line in lines:
+            print(line)
 
     def root_error(self) -> str | None:
         """The first error that is a cause, not a peer's complaint that a collective broke."""
@@ -133,6 +144,7 @@ def run_attempt(sc, workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
         for job in (workers, ps):
             if job is not None and job.running:
                 job.cancel()
+        monitor.show_logs()
 
 
 def _watch(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
@@ -141,6 +153,7 @@ def _watch(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
     first_error: float | None = None
     while True:
         workers.thread.join(POLL_S)
+        monitor.show_logs()
         if monitor.errors:
             # Wait a moment so that the failing task's own report can arrive after its peers'.
             first_error = first_error or time.time()

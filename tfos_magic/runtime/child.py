@@ -8,6 +8,7 @@ Usage: python -m tfos_magic.runtime.child CONFIG.json
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -42,6 +43,30 @@ def _fail_result(exc: BaseException) -> dict[str, Any]:
     return {"status": "error", "error": message, "traceback": traceback.format_exc()}
 
 
+class _PrintsToNotebook(io.TextIOBase):
+    """What the cell prints goes to the notebook as `log` events, line by line, and to the log file."""
+
+    def __init__(self, original: Any, channel: Any, index: int, role: str) -> None:
+        self._original, self._channel, self._index, self._role = original, channel, index, role
+        self._partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        from ..monitor import make_event
+
+        self._original.write(text)
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self._channel.send(make_event("log", self._index, role=self._role, text=line))
+        return len(text)
+
+    def flush(self) -> None:
+        self._original.flush()
+
+
 def _fenced() -> None:
     """The notebook closed this attempt (a restart, a cancel, or the kernel is gone): stop now,
     before this process writes another checkpoint over the next attempt's."""
@@ -58,6 +83,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         return {"status": "error", "error": f"TF {role} {index} {channel.error}. The executors must reach the "
                 "notebook's host: set TFOS_DRIVER_HOST (or spark.driver.host) to an address they can reach."}
     channel.send(make_event("started", index, role=role, pid=os.getpid()))
+    sys.stdout = _PrintsToNotebook(sys.stdout, channel, index, role)
     namespace: dict[str, Any] = {"__name__": "__tfos_train__"}
     result: dict[str, Any] = {"status": "ok"}
     cleanup: list[Any] = []
