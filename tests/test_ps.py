@@ -30,14 +30,19 @@ def test_ps_job_trains_with_the_embedded_registry(shell):
     run(shell, ETL.format(name="ps1", rows=20000))
     _, err = run(shell, "%%tf_train ps1 --strategy ps --ps 1 --workers 1 --epochs 3 --batch-size 64 "
                         "--label y --restart --gpus-per-worker 1\n" + MODEL)
-    assert err is None, err
     job = get_job("ps1")
+    story = [(e.get("attempt"), e["kind"], e.get("role"), e["worker"], e.get("message")) for e in job.events
+             if e["kind"] in ("started", "training", "error", "finished")]
+    assert err is None, (err, story)
     hist = job.history
-    assert job.state == "succeeded" and [h["epoch"] for h in hist] == [1, 2, 3]
+    assert job.state == "succeeded" and [h["epoch"] for h in hist] == [1, 2, 3], (job.state, hist, story)
     assert hist[-1]["loss"] < 0.2 * hist[0]["loss"], hist
-    assert job.latest_checkpoint and job.load_model().predict([[0.5, 0.5]], verbose=0).shape == (1, 1)
+    assert job.latest_checkpoint, story
+    import numpy as np
+
+    assert job.load_model().predict(np.array([[0.5, 0.5]], np.float32), verbose=0).shape == (1, 1)
     started = {(e.get("role"), e["worker"]) for e in job.events if e["kind"] == "started"}
-    assert started == {("ps", 0), ("worker", 0)}
+    assert started == {("ps", 0), ("worker", 0)}, story
 
 
 @pytest.mark.slow

@@ -66,6 +66,17 @@ class _PrintsToNotebook(io.TextIOBase):
     def flush(self) -> None:
         self._original.flush()
 
+    # Libraries that look below the text layer get the real stream's answers.
+    def fileno(self) -> int:
+        return self._original.fileno()
+
+    def isatty(self) -> bool:
+        return self._original.isatty()
+
+    @property
+    def encoding(self) -> str:
+        return self._original.encoding
+
 
 def _fenced() -> None:
     """The notebook closed this attempt (a restart, a cancel, or the kernel is gone): stop now,
