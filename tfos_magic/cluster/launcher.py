@@ -165,4 +165,4 @@ def _attempt(sc, frame: DataFrame, plan: dict[str, Any], profile, monitor: RunMo
         ps = SparkJob(sc, f"{group}-ps", f"tfos {plan['job']}: {opts.ps} parameter server(s)", ps_rdd.collect)
     stream = frame.mapInArrow(make_task(dict(plan)), RESULT_DDL, barrier=True, profile=profile)
     workers = SparkJob(sc, group, f"tfos {plan['job']}: {opts.workers} worker(s)", stream.collect)
-    run_attempt(sc, workers, ps, monitor, expected, opts.start_timeout)
+    run_attempt(workers, ps, monitor, expected, opts.start_timeout)

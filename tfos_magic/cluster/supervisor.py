@@ -132,7 +132,7 @@ class SparkJob:
         self.thread.join(CANCEL_WAIT_S)
 
 
-def run_attempt(sc, workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
+def run_attempt(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
                 expected: list[tuple[str, int]], start_timeout: float) -> None:
     """Watch one attempt; return when the workers succeed, raise AttemptFailed otherwise.
 

@@ -12,7 +12,8 @@ from ..errors import TfosError
 from .spec import JobSpec
 from .store import JobStore
 
-MODEL_FILE = "model.keras"
+MODEL_FILE = "model.keras"  # written by the all-reduce path
+H5_MODEL_FILE = "model.h5"  # written by the ps path (graph-mode Keras cannot write .keras)
 
 
 class Job:

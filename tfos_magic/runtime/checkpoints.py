@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
+from ..job.job import H5_MODEL_FILE, MODEL_FILE
+
 Notify = Callable[[str, int, int], None]
 
 
@@ -22,7 +24,7 @@ def clear(directory: str) -> None:
     if not tf.io.gfile.isdir(directory):
         return
     for name in tf.io.gfile.listdir(directory):
-        if name.startswith("ckpt-") or name in ("checkpoint", "model.keras", "model.h5"):
+        if name.startswith("ckpt-") or name in ("checkpoint", MODEL_FILE, H5_MODEL_FILE):
             path = f"{directory.rstrip('/')}/{name}"
             if tf.io.gfile.isdir(path):
                 tf.io.gfile.rmtree(path)

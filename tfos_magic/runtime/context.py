@@ -32,6 +32,10 @@ class TrainContext:
     def is_chief(self) -> bool:
         return self.worker_index == 0
 
+    def checkpoint_path(self, name: str) -> str:
+        """A file in the checkpoint dir, which may be a URI (no os.path)."""
+        return f"{self.checkpoint_dir.rstrip('/')}/{name}"
+
     def dataset(self, batch_size: int | None = None):
         """This worker's rows as a tf.data.Dataset, streamed from its Spark partitions."""
         return self.feed.dataset(batch_size or self.batch_size)

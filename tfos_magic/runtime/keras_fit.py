@@ -10,9 +10,9 @@ from typing import Any, Callable
 import tensorflow as tf
 
 from ..errors import TfosError
+from ..job.job import MODEL_FILE
 from .context import Throttle, TrainContext
 
-MODEL_FILE = "model.keras"
 UNBOUNDED_STEPS = 2**31 - 1
 
 
@@ -82,7 +82,7 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool) -> Any
 def save_model(model: Any, ctx: TrainContext) -> None:
     """Every worker saves (saving may run collectives); only the chief's file is kept."""
     if ctx.is_chief:
-        path = f"{ctx.checkpoint_dir.rstrip('/')}/{MODEL_FILE}"
+        path = ctx.checkpoint_path(MODEL_FILE)
         model.save(path)
         ctx.send("model", path=path)
         return

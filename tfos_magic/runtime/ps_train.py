@@ -19,9 +19,9 @@ from typing import Any, Callable
 import tensorflow as tf
 
 from ..errors import TfosError
+from ..job.job import H5_MODEL_FILE as MODEL_FILE
 from .context import Throttle, TrainContext
 
-MODEL_FILE = "model.h5"
 SESSION_WAIT_S = 120.0
 
 
@@ -85,7 +85,7 @@ class PSContext(TrainContext):
         if not self.is_chief:
             return None
         step = int(sess.run(self.global_step)) if step is None else step
-        path = self._saver.save(sess, f"{self.checkpoint_dir.rstrip('/')}/ckpt", global_step=step)
+        path = self._saver.save(sess, self.checkpoint_path("ckpt"), global_step=step)
         self.send("checkpoint", path=path, step=step, epoch=epoch)
         return path
 
@@ -173,7 +173,7 @@ def save_model(model: Any, ctx: PSContext) -> None:
     """The chief writes the trained model (HDF5: graph-mode Keras cannot write .keras)."""
     if not ctx.is_chief:
         return
-    path = f"{ctx.checkpoint_dir.rstrip('/')}/{MODEL_FILE}"
+    path = ctx.checkpoint_path(MODEL_FILE)
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, MODEL_FILE)
         model.save(local)
