@@ -52,3 +52,37 @@ def test_unreachable_driver_does_not_stop_the_worker():
     client = ChannelClient(f"127.0.0.1:{port}", "j", "t", timeout=2)
     assert not client.connected
     client.send(make_event("epoch", 0, epoch=1))
+
+
+def test_closing_the_attempt_fences_its_process_with_a_quiet_result(tmp_path):
+    """A TF process of an ended attempt exits at once, and its task does not report an error."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from tfos_magic.cluster.feeder import WorkerFailed, _result
+
+    channel = DriverChannel(bind_host="127.0.0.1")
+    token = channel.register("job1", lambda event: None)
+    result_path = tmp_path / "result.json"
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from tfos_magic.monitor import ChannelClient
+from tfos_magic.runtime.child import _fenced
+client = ChannelClient("127.0.0.1:{channel.port}", "job1", "{token}", on_close=lambda: _fenced({str(result_path)!r}))
+assert client.connected
+print("connected", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "connected"
+        channel.unregister("job1")
+        assert child.wait(timeout=10) == 75
+    finally:
+        child.kill()
+        channel.close()
+    assert json.loads(result_path.read_text())["status"] == "fenced"
+    with pytest.raises(WorkerFailed) as failed:
+        _result("ps", 0, 75, str(result_path), str(tmp_path / "none.log"))
+    assert failed.value.reported and not failed.value.retryable

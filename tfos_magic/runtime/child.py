@@ -78,18 +78,25 @@ class _PrintsToNotebook(io.TextIOBase):
         return self._original.encoding
 
 
-def _fenced() -> None:
+def _fenced(result_path: str) -> None:
     """The notebook closed this attempt (a restart, a cancel, or the kernel is gone): stop now,
-    before this process writes another checkpoint over the next attempt's."""
+    before this process writes another checkpoint over the next attempt's.
+
+    The result says so, so that the Spark task does not try to report an error to a
+    notebook that is no longer listening for this attempt."""
     print("tfos: the notebook ended this attempt; exiting", file=sys.stderr, flush=True)
-    os._exit(75)
+    try:
+        with open(result_path, "w") as f:
+            json.dump({"status": "fenced", "error": "the notebook ended this attempt"}, f)
+    finally:
+        os._exit(75)
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     from ..monitor import ChannelClient, make_event
 
     role, index = cfg["role"], cfg["index"]
-    channel = ChannelClient(cfg["channel_address"], cfg["job"], cfg["token"], on_close=_fenced)
+    channel = ChannelClient(cfg["channel_address"], cfg["job"], cfg["token"], on_close=lambda: _fenced(cfg["result_path"]))
     if not channel.connected:
         return {"status": "error", "error": f"TF {role} {index} {channel.error}. The executors must reach the "
                 "notebook's host: set TFOS_DRIVER_HOST (or spark.driver.host) to an address they can reach."}
