@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 # Before TF can be imported anywhere in this process (legacy tf.keras, as in the workers).
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -103,7 +104,6 @@ def zookeeper(tmp_path_factory):
     """A real ZooKeeper server (Debian's package) on a free loopback port, with its own data dir."""
     import signal
     import subprocess
-    import time
 
     from kazoo.client import KazooClient
 
@@ -146,7 +146,6 @@ def spark_standalone(tmp_path_factory):
     started through pyspark's own spark-class. Yields the master URL."""
     import signal
     import subprocess
-    import time
     import urllib.request
 
     import pyspark
@@ -205,3 +204,14 @@ def tf_processes(pattern: str = "tfos_magic.runtime.child") -> list:
         except psutil.Error:
             pass
     return found
+
+
+def tf_processes_gone(pattern: str, timeout: float = 30.0) -> bool:
+    """Whether every matching TF process has exited within `timeout`: a cancelled Spark task's
+    process dies a moment after the cell returns, never instantly."""
+    deadline = time.time() + timeout
+    while tf_processes(pattern):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.2)
+    return True

@@ -14,7 +14,7 @@ import signal
 import time
 
 import pytest
-from conftest import tf_processes
+from conftest import tf_processes, tf_processes_gone
 from jupyter_client.manager import start_new_kernel
 
 from tfos_magic import get_job
@@ -127,7 +127,6 @@ def test_killed_worker_restarts_from_the_latest_checkpoint(cluster_kernel):
     assert resumed, "the job restarted as attempt 2"
     assert resumed[0]["initial_step"] > 0 and resumed[0]["restored_from"]
     assert before - resumed[0]["initial_step"] <= interval, (before, resumed[0])
-    time.sleep(2)
-    assert tf_processes("tfos-kill_sa-ps") == [], "no PS task is left running"
+    assert tf_processes_gone("tfos-kill_sa-ps"), "no PS task is left running"
     reply, out = kernel.run("assert spark.sparkContext.statusTracker().getActiveJobsIds() == []")
     assert reply["status"] == "ok", out

@@ -3,10 +3,11 @@
 import time
 
 import pytest
-from conftest import tf_processes
+from conftest import tf_processes, tf_processes_gone
 from jupyter_client.manager import start_new_kernel
 
 from tfos_magic import get_job
+
 
 def _execute(kc, code, timeout=300):
     msg_id = kc.execute(code)
@@ -46,9 +47,8 @@ def test_interrupt_stops_the_job_and_its_processes(tmp_path, monkeypatch, tfos_k
         assert reply["parent_header"]["msg_id"] == train
         assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
         assert get_job("long", str(home)).state == "stopped"
-        while tf_processes("tfos-long-") and time.time() - t0 < 60:
-            time.sleep(0.5)
-        assert tf_processes("tfos-long-") == [], "TF worker processes outlived the interrupt"
+        assert tf_processes_gone("tfos-long-", timeout=60 - (time.time() - t0)), \
+            "TF worker processes outlived the interrupt"
         reply = _execute(kc, "assert spark.sparkContext.statusTracker().getActiveJobsIds() == []")
         assert reply["content"]["status"] == "ok", reply["content"]
     finally:

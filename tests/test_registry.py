@@ -18,13 +18,14 @@ COUNTS = {"ps": 1, "worker": 2}
 def _complete_cluster(make_client):
     """Three tasks register from three threads; each sees the whole cluster."""
     results, errors = {}, []
+    all_looked = threading.Barrier(3, timeout=30)
 
     def task(role, index, port):
         try:
             client = make_client()
             client.register(role, index, f"127.0.0.1:{port}")
             results[(role, index)] = client.wait_cluster(COUNTS, timeout=20)
-            time.sleep(0.5)  # stay registered (ZooKeeper nodes are ephemeral) until all have looked
+            all_looked.wait()  # stay registered (ZooKeeper nodes are ephemeral) until all have looked
             client.close()
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
