@@ -206,6 +206,18 @@ def tf_processes(pattern: str = "tfos_magic.runtime.child") -> list:
     return found
 
 
+def regression_cell(inputs: int, hidden: int, learning_rate: float) -> str:
+    """The train-cell body the end-to-end tests share: a small MLP regressor for `build_model()`."""
+    return f"""
+import tensorflow as tf
+def build_model():
+    m = tf.keras.Sequential([tf.keras.Input(({inputs},)), tf.keras.layers.Dense({hidden}, activation="relu"),
+                             tf.keras.layers.Dense(1)])
+    m.compile(optimizer=tf.keras.optimizers.Adam({learning_rate}), loss="mse")
+    return m
+"""
+
+
 def tf_processes_gone(pattern: str, timeout: float = 30.0) -> bool:
     """Whether every matching TF process has exited within `timeout`: a cancelled Spark task's
     process dies a moment after the cell returns, never instantly."""

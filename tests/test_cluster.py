@@ -14,7 +14,7 @@ import signal
 import time
 
 import pytest
-from conftest import tf_processes, tf_processes_gone
+from conftest import regression_cell, tf_processes, tf_processes_gone
 from jupyter_client.manager import start_new_kernel
 
 from tfos_magic import get_job
@@ -26,14 +26,7 @@ from pyspark.sql import functions as F
 df = spark.range({rows}).select(*[F.rand(seed=i).alias(f"x{{i}}") for i in range(4)])
 df.withColumn("y", 2 * F.col("x0") - 3 * F.col("x1") + 0.5 * F.col("x2") + F.col("x3") + 1.0)
 """
-MODEL = """
-import tensorflow as tf
-def build_model():
-    m = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(16, activation="relu"),
-                             tf.keras.layers.Dense(1)])
-    m.compile(optimizer=tf.keras.optimizers.Adam(0.003), loss="mse")
-    return m
-"""
+MODEL = regression_cell(inputs=4, hidden=16, learning_rate=0.003)
 
 
 class Kernel:

@@ -1,11 +1,12 @@
 """Parameter-server mode on the shared local[2] session (1 PS + 1 worker fit in 2 slots),
 with the embedded registry and with a real ZooKeeper server."""
 
+import contextlib
 import threading
 import time
 
 import pytest
-from conftest import run, tf_processes_gone
+from conftest import regression_cell, run, tf_processes_gone
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
 
@@ -16,14 +17,7 @@ from pyspark.sql import functions as F
 spark.range({rows}, numPartitions=1).select(F.rand(1).alias("a"), F.rand(2).alias("b")) \\
     .withColumn("y", 3 * F.col("a") - 2 * F.col("b") + 0.5)
 """
-MODEL = """
-import tensorflow as tf
-def build_model():
-    m = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(8, activation="relu"),
-                             tf.keras.layers.Dense(1)])
-    m.compile(optimizer=tf.keras.optimizers.Adam(0.01), loss="mse")
-    return m
-"""
+MODEL = regression_cell(inputs=2, hidden=8, learning_rate=0.01)
 
 
 @pytest.mark.slow
@@ -46,23 +40,30 @@ def test_ps_job_trains_with_the_embedded_registry(shell):
     assert started == {("ps", 0), ("worker", 0)}, story
 
 
+@contextlib.contextmanager
+def _zk(hosts: str):
+    """A client with the job's digest credentials, as the test's own observer."""
+    zk = KazooClient(hosts=hosts, auth_data=[("digest", "u:p")])
+    zk.start(timeout=10)
+    try:
+        yield zk
+    finally:
+        zk.stop()
+
+
 @pytest.mark.slow
 def test_ps_job_registers_in_zookeeper_and_cleans_up(shell, zookeeper):
     run(shell, ETL.format(name="pszk", rows=60000))
     seen, stop = [], threading.Event()
 
     def watch():
-        zk = KazooClient(hosts=zookeeper, auth_data=[("digest", "u:p")])
-        zk.start(timeout=10)
-        try:
+        with _zk(zookeeper) as zk:
             while not stop.is_set():
                 try:  # the job may end between two reads
                     seen.append((zk.get("/tfos/pszk/1/ps/0")[0].decode(), zk.get("/tfos/pszk/1/worker/0")[0].decode()))
                 except NoNodeError:
                     pass
                 time.sleep(0.2)
-        finally:
-            zk.stop()
 
     t = threading.Thread(target=watch)
     t.start()
@@ -74,12 +75,8 @@ def test_ps_job_registers_in_zookeeper_and_cleans_up(shell, zookeeper):
         t.join(30)
     assert err is None, err
     assert seen and seen[0][0].startswith("127.0.0.1:") and seen[0][1].startswith("127.0.0.1:"), seen[:2]
-    zk = KazooClient(hosts=zookeeper, auth_data=[("digest", "u:p")])
-    zk.start(timeout=10)
-    try:
+    with _zk(zookeeper) as zk:
         assert zk.exists("/tfos/pszk") is None, "the job's znodes are removed when it ends"
-    finally:
-        zk.stop()
     assert "u:***" in open(get_job("pszk").dir + "/spec.json").read()
 
 
