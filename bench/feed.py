@@ -63,7 +63,7 @@ def consume(ds) -> int:
 
 
 def bench_tfos(spark, df) -> dict[str, float]:
-    from tfos_magic.cluster.launcher import launch
+    from tfos_magic.driver.launcher import launch
     from tfos_magic.job import JobSpec, JobStore, TrainOptions
 
     store = JobStore(tempfile.mkdtemp(prefix="tfos-bench-"))

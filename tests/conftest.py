@@ -88,12 +88,7 @@ def tfos_kernel(tmp_path_factory):
         os.environ["JUPYTER_PATH"] = old
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tfos_magic.protocol.net import free_port  # noqa: E402 - one helper for tests and tasks
 
 
 ZK_SERVER = "/usr/share/zookeeper/bin/zkServer.sh"
@@ -191,7 +186,7 @@ def spark_standalone(tmp_path_factory):
             os.killpg(p.pid, signal.SIGKILL)
 
 
-def tf_processes(pattern: str = "tfos_magic.runtime.child") -> list:
+def tf_processes(pattern: str = "tfos_magic.tfprocess.child") -> list:
     """Live processes whose command line contains `pattern` (TF task processes by default;
     their work dir names hold the job, role and index: tfos-JOB-worker1-...)."""
     import psutil

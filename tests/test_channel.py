@@ -4,7 +4,9 @@ import json
 import socket
 import time
 
-from tfos_magic.monitor import ChannelClient, DriverChannel, make_event
+from tfos_magic.driver.channel import DriverChannel
+from tfos_magic.protocol.channel import ChannelClient
+from tfos_magic.protocol.events import make_event
 
 
 def _wait_for(predicate, timeout=10.0):
@@ -61,15 +63,18 @@ def test_closing_the_attempt_fences_its_process_with_a_quiet_result(tmp_path):
 
     import pytest
 
-    from tfos_magic.cluster.feeder import WorkerFailed, _result
+    from tfos_magic.protocol.plan import TaskConfig
+    from tfos_magic.task.feeder import WorkerFailed, _result
 
     channel = DriverChannel(bind_host="127.0.0.1")
     token = channel.register("job1", lambda event: None)
+    config = TaskConfig(plan=None, role="ps", index=0, num_workers=1, bind_host="127.0.0.1", workdir=str(tmp_path))
     result_path = tmp_path / "result.json"
+    assert config.result_path == str(result_path)
     child = subprocess.Popen([sys.executable, "-c", f"""
 import time
-from tfos_magic.monitor import ChannelClient
-from tfos_magic.runtime.child import _fenced
+from tfos_magic.protocol.channel import ChannelClient
+from tfos_magic.tfprocess.child import _fenced
 client = ChannelClient("127.0.0.1:{channel.port}", "job1", "{token}", on_close=lambda: _fenced({str(result_path)!r}))
 assert client.connected
 print("connected", flush=True)
@@ -84,5 +89,5 @@ time.sleep(60)
         channel.close()
     assert json.loads(result_path.read_text())["status"] == "fenced"
     with pytest.raises(WorkerFailed) as failed:
-        _result("ps", 0, 75, str(result_path), str(tmp_path / "none.log"))
+        _result(config, 75)
     assert failed.value.reported and not failed.value.retryable

@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tfos_magic.feed.arrow_feed import ArrowFeed, FeedError
-from tfos_magic.feed.columns import SPLIT_COLUMN, ColumnSpec, FeedSpec
+from tfos_magic.protocol.feed_spec import SPLIT_COLUMN, ColumnSpec, FeedError, FeedSpec
+from tfos_magic.tfprocess.arrow_feed import ArrowFeed
 
 
 def _stream(batches):
@@ -103,3 +103,74 @@ def test_ragged_arrays_are_refused(tmp_path):
 def test_empty_partition_gives_an_empty_dataset(tmp_path):
     feed = ArrowFeed(io.BytesIO(b""), _spec(), str(tmp_path))
     assert list(feed.dataset(8)) == []
+
+
+def test_arrays_handed_to_tf_own_writable_memory(tmp_path):
+    """TF may write into a numpy array's memory in place; Arrow's (and the spill's) is read-only."""
+    vec = pa.array([[float(i), 1.0] for i in range(10)], pa.list_(pa.float32()))
+    batch = pa.RecordBatch.from_pydict({"a": pa.array(np.arange(10, dtype=np.float32)), "vec": vec,
+                                        "y": pa.array(np.ones(10, np.float32))})
+    for inputs in ("matrix", "dict"):
+        spec = FeedSpec([ColumnSpec("a", "float32"), ColumnSpec("vec", "float32", True)], ColumnSpec("y", "float32"),
+                        inputs, array_lengths={"vec": 2})
+        x, y = ArrowFeed(_stream([batch]), spec, str(tmp_path / inputs)).to_numpy(batch)
+        for arr in (list(x.values()) if isinstance(x, dict) else [x]) + [y]:
+            assert arr.flags.writeable and arr.flags.owndata, (inputs, arr.flags)
+        if inputs == "matrix":
+            assert x.shape == (10, 3) and x[3].tolist() == [3.0, 3.0, 1.0]
+
+
+# Keras fit with validation data over the feed, each combination in one fresh process:
+# a native crash there (SIGSEGV) must fail this test, not the test run.
+_FIT_COMBINATIONS = r"""
+import io, os, sys, tempfile
+import numpy as np, pyarrow as pa
+import tensorflow as tf
+from tfos_magic.protocol.feed_spec import SPLIT_COLUMN, ColumnSpec, FeedSpec
+from tfos_magic.tfprocess.arrow_feed import ArrowFeed
+
+def stream(split):
+    rng = np.random.default_rng(0)
+    sink = io.BytesIO()
+    batches = []
+    for i in range(6):
+        a, b = rng.random(3000, dtype=np.float32), rng.random(3000, dtype=np.float32)
+        cols = {"a": a, "b": b, "y": (2 * a - b).astype(np.float32)}
+        if split:
+            cols[SPLIT_COLUMN] = (np.arange(3000) % 10 == 0).astype(np.int8)
+        batches.append(pa.RecordBatch.from_pydict(cols))
+    with pa.ipc.new_stream(sink, batches[0].schema) as w:
+        for batch in batches:
+            w.write_batch(batch)
+    sink.seek(0)
+    return sink
+
+for inputs in ("matrix", "dict"):
+    for validation in (False, True):
+        for epochs in (1, 3):
+            spec = FeedSpec([ColumnSpec("a", "float32"), ColumnSpec("b", "float32")], ColumnSpec("y", "float32"),
+                            inputs, has_validation=validation)
+            feed = ArrowFeed(stream(validation), spec, tempfile.mkdtemp())
+            if inputs == "matrix":
+                model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
+            else:
+                a, b = tf.keras.Input((), name="a"), tf.keras.Input((), name="b")
+                model = tf.keras.Model({"a": a, "b": b}, tf.keras.layers.Dense(1)(tf.stack([a, b], -1)))
+            model.compile(tf.keras.optimizers.Adam(0.05), "mse")
+            val = feed.dataset(128, split="validation") if validation else None
+            hist = model.fit(feed.dataset(128), epochs=epochs, validation_data=val, verbose=0).history
+            assert hist["loss"][-1] < 0.5 and hist.get("val_loss", [0])[-1] < 0.5, (inputs, validation, epochs, hist)
+            print("ok", inputs, validation, epochs, round(hist["loss"][-1], 4), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_fit_with_validation_over_the_spill_does_not_crash(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "fit.py"
+    script.write_text(_FIT_COMBINATIONS)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    assert proc.stdout.count("ok ") == 8, proc.stdout

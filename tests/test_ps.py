@@ -130,3 +130,72 @@ def train(ctx):
     assert hist[0]["w_device"].startswith("/job:ps/task:0"), hist[0]
     assert job.latest_checkpoint
     assert tf_processes_gone("tfos-psloop-ps"), "the PS job ends when the workers finish"
+
+
+PARITY_ETL = """%%spark_etl {name}
+from pyspark.sql import functions as F
+df = spark.range(20000, numPartitions=1).select(*[F.rand(seed=i).alias(f"x{{i}}") for i in range(4)])
+df.withColumn("y", 2 * F.col("x0") - 3 * F.col("x1") + 0.5 * F.col("x2") + F.col("x3") + 1.0)
+"""
+# The label is (batch,) and every model's output (batch, 1); the label's variance is about 1.19,
+# which is where a model that learns nothing stays.
+PARITY_MODELS = {
+    "sequential_without_input": ("matrix", """
+def build_model():
+    m = tf.keras.Sequential([tf.keras.layers.Dense(8, activation="relu"), tf.keras.layers.Dense(1)])
+    m.compile(optimizer=tf.keras.optimizers.Adam(0.02), loss="mse")
+    return m
+"""),
+    "sequential_with_input": ("matrix", """
+def build_model():
+    m = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(8, activation="relu"), tf.keras.layers.Dense(1)])
+    m.compile(optimizer=tf.keras.optimizers.Adam(0.02), loss="mse")
+    return m
+"""),
+    "functional_dict": ("dict", """
+def build_model():
+    inputs = {n: tf.keras.Input((), name=n) for n in ("x0", "x1", "x2", "x3")}
+    x = tf.keras.layers.Lambda(lambda t: tf.stack(t, -1))([inputs[n] for n in sorted(inputs)])
+    out = tf.keras.layers.Dense(1)(tf.keras.layers.Dense(8, activation="relu")(x))
+    m = tf.keras.Model(inputs, out)
+    m.compile(optimizer=tf.keras.optimizers.Adam(0.02), loss="mse")
+    return m
+"""),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", list(PARITY_MODELS))
+def test_ps_trains_like_allreduce(shell, model):
+    """The same cells in both strategies: the ps result lands within a stated band of all-reduce's."""
+    inputs, cell = PARITY_MODELS[model]
+    final = {}
+    for strategy in ("allreduce", "ps"):
+        name = f"{model}_{strategy}"
+        run(shell, PARITY_ETL.format(name=name))
+        extra = "--strategy ps --ps 1" if strategy == "ps" else ""
+        _, err = run(shell, f"%%tf_train {name} {extra} --epochs 4 --batch-size 64 --label y --inputs {inputs} "
+                            "--max-restarts 0 --restart\nimport tensorflow as tf\n" + cell)
+        assert err is None, (strategy, err)
+        hist = get_job(name).history
+        assert [h["epoch"] for h in hist] == [1, 2, 3, 4], (strategy, hist)
+        final[strategy] = hist[-1]["loss"]
+        # Learnt: far below the label's variance, where a model training on nothing stays.
+        assert hist[-1]["loss"] < 0.05, (strategy, hist)
+    # Band: asynchronous PS updates may land a little above the synchronous result.
+    assert final["ps"] <= 2 * final["allreduce"] + 0.01, final
+
+
+@pytest.mark.slow
+def test_ps_refuses_a_model_with_nothing_to_train(shell):
+    run(shell, PARITY_ETL.format(name="frozen"))
+    cell = """import tensorflow as tf
+def build_model():
+    layer = tf.keras.layers.Dense(1, trainable=False)
+    m = tf.keras.Sequential([tf.keras.Input((4,)), layer])
+    m.compile(optimizer=tf.keras.optimizers.Adam(0.02), loss="mse")
+    return m
+"""
+    _, err = run(shell, "%%tf_train frozen --strategy ps --label y --max-restarts 0\n" + cell)
+    assert isinstance(err, TfosError) and "no trainable weights" in str(err), err
+    assert get_job("frozen").state == "failed"

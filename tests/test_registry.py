@@ -8,9 +8,10 @@ from conftest import free_port
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
 
-from tfos_magic.cluster.registry import (EmbeddedRegistry, EmbeddedRegistryClient, RegistryError,
-                                         ZooKeeperRegistryClient, ZooKeeperView)
-from tfos_magic.monitor import DriverChannel
+from tfos_magic.driver.channel import DriverChannel
+from tfos_magic.driver.registry import EmbeddedRegistry, ZooKeeperView
+from tfos_magic.protocol.registry import RegistryError
+from tfos_magic.tfprocess.registry import EmbeddedRegistryClient, ZooKeeperRegistryClient
 
 COUNTS = {"ps": 1, "worker": 2}
 

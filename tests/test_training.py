@@ -96,3 +96,56 @@ def test_shutdown_runs_after_a_failure_and_the_error_names_the_cell_line(shell, 
     assert f"[worker {failed.group(1)}] looking at 10 rows" in capsys.readouterr().out, "prints reach the notebook"
     assert get_job("boom").state == "failed"
     assert len(list(markers.iterdir())) >= 1
+
+
+VAL_ETL = """%%spark_etl {name}
+from pyspark.sql import functions as F
+df = spark.range(16000, numPartitions=2).select(F.rand(1).alias("a"), F.rand(2).alias("b")) \\
+    .withColumn("y", 3 * F.col("a") - 2 * F.col("b")).withColumn("k", (F.col("a") * 10).cast("int"))
+separate = spark.range(3000).select(F.rand(3).alias("a"), F.rand(4).alias("b")) \\
+    .withColumn("y", 3 * F.col("a") - 2 * F.col("b")).withColumn("k", (F.col("a") * 10).cast("int"))
+limited = df.limit(2000)
+df
+"""
+VAL_MODELS = {
+    "matrix": """
+import tensorflow as tf
+def build_model():
+    m = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
+    m.compile(optimizer=tf.keras.optimizers.Adam(0.05), loss="mse")
+    return m
+""",
+    "dict": """
+import tensorflow as tf
+def build_model():
+    a, b, k = tf.keras.Input((), name="a"), tf.keras.Input((), name="b"), tf.keras.Input((), name="k", dtype="int64")
+    x = tf.keras.layers.Concatenate()([tf.stack([a, b], -1), tf.keras.layers.Flatten()(tf.keras.layers.Embedding(10, 1)(k))])
+    m = tf.keras.Model({"a": a, "b": b, "k": k}, tf.keras.layers.Dense(1)(x))
+    m.compile(optimizer=tf.keras.optimizers.Adam(0.05), loss="mse")
+    return m
+""",
+}
+
+
+# Pairwise cover of inputs x validation (none, a limit() of the training frame, a frame of
+# its own) x workers (1, 2) x epochs (1, 3: later epochs read the memory-mapped spill).
+@pytest.mark.slow
+@pytest.mark.parametrize("inputs,validation,workers,epochs", [
+    ("matrix", "limited", 1, 3), ("matrix", "separate", 2, 1), ("matrix", None, 2, 3),
+    ("dict", "separate", 1, 3), ("dict", "limited", 2, 1),
+])
+def test_validation_with_each_input_layout(shell, inputs, validation, workers, epochs):
+    name = f"val_{inputs}_{validation}_{workers}_{epochs}"
+    _, err = run(shell, VAL_ETL.format(name=name))
+    assert err is None, err
+    features = "a,b" if inputs == "matrix" else "a,b,k"
+    option = f" --validation-df {validation}" if validation else ""
+    _, err = run(shell, f"%%tf_train {name} --workers {workers} --epochs {epochs} --batch-size 64 --label y "
+                        f"--features {features} --inputs {inputs}{option} --max-restarts 0\n" + VAL_MODELS[inputs])
+    assert err is None, err
+    hist = get_job(name).history
+    assert [h["epoch"] for h in hist] == list(range(1, epochs + 1)), hist
+    # Predicting the mean label scores about 1.1; the model learns far below that.
+    assert hist[-1]["loss"] < 0.3, hist
+    if validation:
+        assert all(h["val_loss"] < 0.3 for h in hist), hist

@@ -3,7 +3,7 @@
 import pytest
 
 from tfos_magic.errors import TfosError
-from tfos_magic.runtime.user_code import check_train_source, run_cell
+from tfos_magic.protocol.cells import check_train_source, run_cell
 
 
 def test_entry_points():

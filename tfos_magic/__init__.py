@@ -1,27 +1,47 @@
 """tfos-magic: `%%spark_etl` + `%%tf_train` train TensorFlow on the notebook's Spark cluster.
 
 Load it with `%load_ext tfos_magic`.
+
+Where code runs shows in the layout: `magics`, `session`, `driver/` and `job/` run in
+the notebook's kernel; `task/` runs in Spark tasks on the executors; `tfprocess/` runs
+in the TF process each task starts; `protocol/` holds the formats they share. This
+module imports nothing heavy, so a TF process that imports the package loads neither
+Spark nor Jupyter.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import JobFailed, TfosError
-from .job import Job, JobStore
+
+if TYPE_CHECKING:
+    from .job import Job
 
 __version__ = "0.1.0"
 __all__ = ["Job", "JobFailed", "TfosError", "get_job", "list_jobs", "load_ipython_extension"]
 
 
-def get_job(name: str, home: str | None = None) -> Job:
+def __getattr__(name: str) -> Any:
+    if name in ("Job", "JobStore"):
+        from . import job
+
+        return getattr(job, name)
+    raise AttributeError(f"module 'tfos_magic' has no attribute {name!r}")
+
+
+def get_job(name: str, home: str | None = None) -> "Job":
     """The stored job `name`, readable from any process."""
+    from .job import Job, JobStore
+
     return Job(name, JobStore(home))
 
 
 def list_jobs(home: str | None = None) -> list[str]:
+    from .job import JobStore
+
     return JobStore(home).names()
 
 

@@ -16,7 +16,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from .errors import TfosError
 from .job import Job, JobSpec, JobStore, TrainOptions
 from .job.store import check_name
-from .runtime.user_code import check_train_source, run_cell
+from .protocol.cells import check_train_source, run_cell
 from .session import get_spark
 
 _DEFAULTS = TrainOptions()
@@ -119,7 +119,7 @@ class TfosMagics(Magics):
             start_timeout=args.start_timeout,
         )
         self.store.save_spec(spec)
-        from .cluster.launcher import launch
+        from .driver.launcher import launch
 
         t0 = time.time()
         launch(get_spark(self.shell.user_ns), spec, self.frames[name], self.store, validation)

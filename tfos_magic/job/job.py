@@ -9,11 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import TfosError
+from ..protocol.paths import MODEL_FILE, join_uri
 from .spec import JobSpec
 from .store import JobStore
-
-MODEL_FILE = "model.keras"  # written by the all-reduce path
-H5_MODEL_FILE = "model.h5"  # written by the ps path (graph-mode Keras cannot write .keras)
 
 
 class Job:
@@ -40,6 +38,18 @@ class Job:
     @property
     def error(self) -> str | None:
         return self._state.get("error")
+
+    @property
+    def error_details(self) -> str | None:
+        """The full traceback and log tail of the task whose error failed the job, or None."""
+        path = self._state.get("error_file")
+        if not path:
+            return None
+        try:
+            with open(path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return None
 
     @property
     def checkpoint_dir(self) -> str:
@@ -71,7 +81,7 @@ class Job:
     @property
     def model_path(self) -> str:
         saved = [e["path"] for e in self.store.events(self.name) if e.get("kind") == "model"]
-        return saved[-1] if saved else f"{self.checkpoint_dir.rstrip('/')}/{MODEL_FILE}"
+        return saved[-1] if saved else join_uri(self.checkpoint_dir, MODEL_FILE)
 
     def load_model(self):
         """Load the trained tf.keras model in the driver (legacy Keras, as the workers used)."""

@@ -6,6 +6,7 @@ Layout (format documented in docs/job-store.md)::
     $TFOS_HOME/jobs/<name>/state.json     lifecycle, "format": "tfos-state/1"
     $TFOS_HOME/jobs/<name>/metrics.jsonl  metric events, one JSON object a line ("v": 1)
     $TFOS_HOME/jobs/<name>/checkpoints/   default checkpoint dir
+    $TFOS_HOME/jobs/<name>/errors/        each failed task's traceback and log tail
 
 JSON files are replaced atomically (temp file + os.replace) so a reader in another
 process (the sidebar, a batch tool) never sees half a file.
@@ -146,6 +147,21 @@ class JobStore:
                     yield json.loads(line)
                 except json.JSONDecodeError:
                     continue
+
+    # errors -----------------------------------------------------------
+    def errors_dir(self, name: str) -> Path:
+        return self.job_dir(name) / "errors"
+
+    def write_error_details(self, name: str, filename: str, text: str) -> Path:
+        """Keep a failed task's full traceback and log tail; the error message points here."""
+        if "/" in filename or filename.startswith("."):
+            raise ValueError(f"bad error file name {filename!r}")
+        path = self.errors_dir(name) / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{filename}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return path
 
     def forget_metrics(self, name: str) -> None:
         """Drop the metric history for `--restart` (the chief worker clears the checkpoints)."""

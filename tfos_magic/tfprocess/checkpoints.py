@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
-from ..job.job import H5_MODEL_FILE, MODEL_FILE
+from ..errors import TfosError
+from ..protocol.paths import CHECKPOINT_PREFIX, H5_MODEL_FILE, MODEL_FILE, join_uri
 
 Notify = Callable[[str, int, int], None]
 
@@ -24,8 +25,8 @@ def clear(directory: str) -> None:
     if not tf.io.gfile.isdir(directory):
         return
     for name in tf.io.gfile.listdir(directory):
-        if name.startswith("ckpt-") or name in ("checkpoint", MODEL_FILE, H5_MODEL_FILE):
-            path = f"{directory.rstrip('/')}/{name}"
+        if name.startswith(f"{CHECKPOINT_PREFIX}-") or name in ("checkpoint", MODEL_FILE, H5_MODEL_FILE):
+            path = join_uri(directory, name)
             if tf.io.gfile.isdir(path):
                 tf.io.gfile.rmtree(path)
             else:
@@ -34,9 +35,7 @@ def clear(directory: str) -> None:
 
 def ensure_writable(directory: str) -> None:
     """Checked by the chief before training: the driver cannot check an hdfs:// or s3:// dir."""
-    from ..errors import TfosError
-
-    probe = f"{directory.rstrip('/')}/.tfos-write-test"
+    probe = join_uri(directory, ".tfos-write-test")
     try:
         tf.io.gfile.makedirs(directory)
         with tf.io.gfile.GFile(probe, "w") as f:
@@ -60,7 +59,7 @@ class Checkpointer:
         self._tmp = None if is_chief else tempfile.mkdtemp(prefix="tfos-ckpt-")
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, directory if is_chief else self._tmp,
-            max_to_keep=max_to_keep, checkpoint_name="ckpt")
+            max_to_keep=max_to_keep, checkpoint_name=CHECKPOINT_PREFIX)
 
     def restore(self) -> str | None:
         """Load the latest checkpoint of the shared dir, if any; return its path."""

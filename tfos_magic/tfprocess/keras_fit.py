@@ -10,10 +10,14 @@ from typing import Any, Callable
 import tensorflow as tf
 
 from ..errors import TfosError
-from ..job.job import MODEL_FILE
+from ..protocol.paths import MODEL_FILE
+from . import model_inputs
 from .context import Throttle, TrainContext
 
 UNBOUNDED_STEPS = 2**31 - 1
+NO_WEIGHTS = ("The model has no trainable weights, so training would change nothing. Check that "
+              "build_model() returns the model it built, with layers that have weights (e.g. Dense), "
+              "and that they are not frozen (trainable=False).")
 
 
 class TfosCallback(tf.keras.callbacks.Callback):
@@ -35,6 +39,8 @@ class TfosCallback(tf.keras.callbacks.Callback):
         self._rows0, self._t0 = self.ctx.feed.rows_delivered, time.monotonic()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if not self.model.trainable_weights:
+            raise TfosError(NO_WEIGHTS)
         step = self._step()
         if self.every_steps and step % self.every_steps == 0:
             self.ckpt.save(step)
@@ -60,6 +66,7 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool) -> Any
         if getattr(model, "optimizer", None) is None:
             raise TfosError("build_model() must return a compiled model: call model.compile(optimizer=..., "
                             "loss=...) before returning it.")
+        model_inputs.check(model, ctx.feed.spec)
         ckpt = ctx.checkpoint(model=model, optimizer=model.optimizer)
         restored = None if restart else ckpt.restore()
         initial_step = int(model.optimizer.iterations.numpy())
@@ -67,14 +74,20 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool) -> Any
     ctx.send("training", initial_step=initial_step, initial_epoch=initial_epoch, restored_from=restored)
     data = ctx.distributed_dataset()
     val = ctx.distributed_dataset(split="validation") if ctx.feed.spec.has_validation else None
-    callback = TfosCallback(ctx, ckpt, ctx.options.get("checkpoint_every_steps") or 0)
+    callback = TfosCallback(ctx, ckpt, ctx.options.checkpoint_every_steps)
     for epoch in range(initial_epoch, ctx.epochs):
         # One fit call per epoch, each a full pass that ends when every worker's data is
         # exhausted: TF's distributed iterator agrees the end across workers each step, so
         # uneven or empty partitions cannot hang a collective. The step bound is never reached.
-        model.fit(data, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=UNBOUNDED_STEPS,
-                  validation_data=val, validation_steps=UNBOUNDED_STEPS if val else None,
-                  callbacks=[callback], verbose=0)
+        try:
+            model.fit(data, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=UNBOUNDED_STEPS,
+                      validation_data=val, validation_steps=UNBOUNDED_STEPS if val else None,
+                      callbacks=[callback], verbose=0)
+        except (ValueError, TypeError) as exc:  # raised while tracing the first step
+            explained = model_inputs.explain(exc, model, ctx.feed.spec) if epoch == initial_epoch else None
+            if explained is None:
+                raise
+            raise explained from exc
     ctx.feed.drain()  # e.g. already trained to --epochs: let the Spark task finish its partition
     return model
 

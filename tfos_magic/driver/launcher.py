@@ -1,4 +1,4 @@
-"""Driver side: check a job, plan it, and run its attempts until it succeeds.
+"""Runs in the notebook's kernel (the Spark driver): check a job, plan it, and run its attempts until it succeeds.
 
 The kernel only plans, watches and records: the data flows from Spark executors to
 TF processes on the same executors. A KeyboardInterrupt cancels the Spark job
@@ -17,11 +17,12 @@ from typing import Any
 from pyspark.sql import DataFrame
 
 from ..errors import JobFailed, TfosError
-from ..feed.columns import prepare
 from ..job import JobSpec, JobStore, TrainOptions
-from ..monitor import DriverChannel
-from ..runtime.user_code import check_train_source
-from .feeder import RESULT_DDL, make_ps_task, make_task
+from ..protocol.cells import check_train_source
+from ..protocol.plan import RegistryPlan, TaskPlan
+from ..task.feeder import RESULT_DDL, make_ps_task, make_task
+from .channel import DriverChannel
+from .columns import prepare
 from .registry import EmbeddedRegistry, ZooKeeperView
 from .slots import check_slots
 from .supervisor import AttemptFailed, RunMonitor, SparkJob, run_attempt
@@ -71,14 +72,14 @@ def _check_strategy(opts: TrainOptions) -> int:
     return opts.workers + opts.ps
 
 
-def _registry(opts: TrainOptions, job: str) -> tuple[Any, dict[str, Any]]:
+def _registry(opts: TrainOptions, job: str) -> tuple[Any, RegistryPlan]:
     """The driver's view of the registry and what the tasks need to reach it."""
     hosts = opts.zookeeper or os.environ.get("TFOS_ZOOKEEPER")
     if opts.strategy == "ps" and hosts:
         view = ZooKeeperView(hosts, job, opts.zk_auth)  # fails within its timeout if unreachable
         view.clear()  # nodes a dead kernel left behind
-        return view, {"kind": "zookeeper", "hosts": hosts, "auth": opts.zk_auth}
-    return EmbeddedRegistry(), {"kind": "embedded"}
+        return view, RegistryPlan("zookeeper", hosts, opts.zk_auth)
+    return EmbeddedRegistry(), RegistryPlan("embedded")
 
 
 def _worker_profile(sc, gpus: int):
@@ -117,16 +118,15 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore,
     channel = DriverChannel.get()
     requests = registry.handle if isinstance(registry, EmbeddedRegistry) else None
     driver_host, worker_host = _hosts(sc)
-    plan = {
-        "job": name, "run": run, "channel_address": f"{driver_host}:{channel.port}",
-        "host": worker_host, "train_source": spec.train_source, "feed": feed.to_dict(),
-        "options": opts.to_dict(), "checkpoint_dir": checkpoint_dir, "registry": registry_plan,
-    }
+    plan = TaskPlan(job=name, run=run, channel_address=f"{driver_host}:{channel.port}", host=worker_host,
+                    train_source=spec.train_source or "", feed=feed, options=opts, checkpoint_dir=checkpoint_dir,
+                    registry=registry_plan)
     expected = [("worker", i) for i in range(opts.workers)]
     if opts.strategy == "ps":
         expected += [("ps", i) for i in range(opts.ps)]
     # The driver's pid and host let another process tell a live run from one whose kernel died.
     store.write_state(name, state="running", run=run, attempt=1, started=time.time(), ended=None, error=None,
+                      error_file=None,
                       checkpoint_dir=checkpoint_dir, workers=opts.workers, ps=opts.ps if opts.strategy == "ps" else 0,
                       driver_pid=os.getpid(), driver_host=socket.gethostname())
     try:
@@ -134,14 +134,15 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore,
             monitor.new_attempt(attempt)
             # A fresh token per attempt: registering it closes the previous attempt's channel,
             # which makes any of its TF processes still alive exit at once.
-            plan["token"] = channel.register(name, monitor.sink_for(attempt), requests)
-            plan["attempt"] = attempt
+            token = channel.register(name, monitor.sink_for(attempt), requests)
             store.write_state(name, attempt=attempt, job_group=f"tfos-{name}-run{run}-a{attempt}")
             try:
-                _attempt(sc, frame, plan, profile, monitor, expected, opts, f"tfos-{name}-run{run}-a{attempt}")
+                _attempt(sc, frame, plan.for_attempt(attempt, token), profile, monitor, expected,
+                         f"tfos-{name}-run{run}-a{attempt}")
                 break
             except AttemptFailed as exc:
                 if not exc.retryable or attempt > opts.max_restarts:
+                    store.write_state(name, error_file=exc.details_file)
                     raise JobFailed(f"Job {name!r} failed: {exc}"
                                     + (f" (after {attempt - 1} restart(s))" if attempt > 1 else "")) from None
                 print(f"tfos: job {name!r} attempt {attempt} failed ({exc}); restarting from the latest checkpoint")
@@ -157,12 +158,13 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore,
     return store.write_state(name, state="succeeded", ended=time.time(), error=None)
 
 
-def _attempt(sc, frame: DataFrame, plan: dict[str, Any], profile, monitor: RunMonitor,
-             expected: list[tuple[str, int]], opts: TrainOptions, group: str) -> None:
+def _attempt(sc, frame: DataFrame, plan: TaskPlan, profile, monitor: RunMonitor,
+             expected: list[tuple[str, int]], group: str) -> None:
     ps = None
+    opts = plan.options
     if opts.strategy == "ps":
-        ps_rdd = sc.parallelize(range(opts.ps), opts.ps).mapPartitionsWithIndex(make_ps_task(dict(plan)))
-        ps = SparkJob(sc, f"{group}-ps", f"tfos {plan['job']}: {opts.ps} parameter server(s)", ps_rdd.collect)
-    stream = frame.mapInArrow(make_task(dict(plan)), RESULT_DDL, barrier=True, profile=profile)
-    workers = SparkJob(sc, group, f"tfos {plan['job']}: {opts.workers} worker(s)", stream.collect)
+        ps_rdd = sc.parallelize(range(opts.ps), opts.ps).mapPartitionsWithIndex(make_ps_task(plan))
+        ps = SparkJob(sc, f"{group}-ps", f"tfos {plan.job}: {opts.ps} parameter server(s)", ps_rdd.collect)
+    stream = frame.mapInArrow(make_task(plan), RESULT_DDL, barrier=True, profile=profile)
+    workers = SparkJob(sc, group, f"tfos {plan.job}: {opts.workers} worker(s)", stream.collect)
     run_attempt(workers, ps, monitor, expected, opts.start_timeout)

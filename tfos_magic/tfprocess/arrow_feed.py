@@ -1,4 +1,4 @@
-"""Executor side: one worker's Arrow stream into tf.data.
+"""Runs in the TF process: this worker's Arrow stream into tf.data.
 
 The first pass reads the Arrow IPC stream from the Spark task as it arrives and
 spills each batch to a local Arrow IPC file; later passes (epochs) memory-map the
@@ -17,29 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .columns import SPLIT_COLUMN, ColumnSpec, FeedSpec
-
-
-class FeedError(ValueError):
-    """Bad data found while streaming (nulls, ragged arrays); the message names the column."""
-
-
-def array_lengths(batch: pa.RecordBatch, spec: FeedSpec) -> dict[str, int]:
-    """Length of each array column, checked to be the same on every row of `batch`."""
-    out = {}
-    for c in spec.features + ([spec.label] if spec.label else []):
-        if not c.is_array:
-            continue
-        lengths = pc.list_value_length(batch.column(c.name))
-        lo, hi = pc.min_max(lengths).values()
-        if lo.as_py() != hi.as_py():
-            raise FeedError(
-                f"Array column {c.name!r} has rows of different lengths ({lo} to {hi}). "
-                "Only fixed-length arrays can be fed; pad or truncate them in the %%spark_etl cell."
-            )
-        if lo.as_py() is not None:
-            out[c.name] = int(lo.as_py())
-    return out
+from ..protocol.feed_spec import MATRIX, SPLIT_COLUMN, ColumnSpec, FeedError, FeedSpec, array_lengths
 
 
 class ArrowFeed:
@@ -144,17 +122,33 @@ class ArrowFeed:
             yield from self._spilled(split)
 
     # --- to numpy and tf.data -----------------------------------------
-    def _column(self, batch: pa.RecordBatch, c: ColumnSpec) -> np.ndarray:
+    def _values(self, batch: pa.RecordBatch, c: ColumnSpec) -> np.ndarray:
+        """A column as numpy: a zero-copy, read-only view of Arrow's buffer where possible."""
         col = batch.column(c.name)
         if c.is_array:
-            n = self.spec.array_lengths[c.name]
-            return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, n).astype(c.dtype, copy=False)
-        return col.to_numpy(zero_copy_only=False).astype(c.dtype, copy=False)
+            return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, self.spec.array_lengths[c.name])
+        return col.to_numpy(zero_copy_only=False)
+
+    def _column(self, batch: pa.RecordBatch, c: ColumnSpec) -> np.ndarray:
+        # Copy, always. TF wraps an aligned numpy array's memory without copying and may then
+        # write into it in place (buffer forwarding). Arrow's buffers are read-only: a later
+        # epoch's are pages of the memory-mapped spill file, so such a write was a SIGSEGV.
+        return np.array(self._values(batch, c), dtype=c.dtype, copy=True)
+
+    def _matrix(self, batch: pa.RecordBatch) -> np.ndarray:
+        """The features side by side, in column order, in one new float32 array (one copy)."""
+        widths = [self.spec.width(c) or 0 for c in self.spec.features]
+        out = np.empty((batch.num_rows, sum(widths)), np.float32)
+        at = 0
+        for c, w in zip(self.spec.features, widths):
+            out[:, at:at + w] = self._values(batch, c).reshape(batch.num_rows, w)
+            at += w
+        return out
 
     def to_numpy(self, batch: pa.RecordBatch) -> Any:
-        if self.spec.inputs == "matrix":
-            cols = [self._column(batch, c) for c in self.spec.features]
-            x: Any = np.column_stack(cols) if cols else np.zeros((batch.num_rows, 0), np.float32)
+        """Tensors' worth of numpy arrays that own their (writable) memory, for tf.data."""
+        if self.spec.inputs == MATRIX:
+            x: Any = self._matrix(batch)
         else:
             x = {c.name: self._column(batch, c) for c in self.spec.features}
         if self.spec.label is None:
@@ -168,8 +162,8 @@ class ArrowFeed:
             shape = (None, self.spec.array_lengths[c.name]) if c.is_array else (None,)
             return tf.TensorSpec(shape, tf.as_dtype(c.dtype), name=c.name)
 
-        if self.spec.inputs == "matrix":
-            width = sum(self.spec.array_lengths[c.name] if c.is_array else 1 for c in self.spec.features)
+        if self.spec.inputs == MATRIX:
+            width = sum(self.spec.width(c) or 0 for c in self.spec.features)
             x: Any = tf.TensorSpec((None, width), tf.float32)
         else:
             x = {c.name: spec_of(c) for c in self.spec.features}

@@ -1,4 +1,4 @@
-"""Driver side: run one attempt of a job as Spark jobs and watch it to its end.
+"""Runs in the notebook's kernel: run one attempt of a job as Spark jobs and watch it to its end.
 
 An attempt is the worker job (a barrier `mapInArrow`, one task per TF worker) and,
 in ps mode, the PS job (one long-running task per parameter server). The
@@ -27,6 +27,19 @@ CANCEL_WAIT_S = 60.0
 _SECONDARY = re.compile(r"Collective ops is aborted|UnavailableError|CancelledError|unhealthy|Socket closed")
 
 
+@dataclass(frozen=True)
+class TaskError:
+    """One task's error report: the message, whether a restart may help, and where its
+    full traceback and log tail were kept (None when the task sent none)."""
+
+    message: str
+    retryable: bool
+    details_file: str | None = None
+
+    def __str__(self) -> str:
+        return self.message + (f" (traceback and log: {self.details_file})" if self.details_file else "")
+
+
 @dataclass
 class RunMonitor:
     """A run's events from the channel: appended to metrics.jsonl, and watched here."""
@@ -36,7 +49,7 @@ class RunMonitor:
     run: int
     attempt: int = 1
     started: set[tuple[str, int]] = field(default_factory=set)
-    errors: list[tuple[str, bool]] = field(default_factory=list)  # (message, retryable)
+    errors: list[TaskError] = field(default_factory=list)
     logs: list[str] = field(default_factory=list)  # printed by the cell, not yet shown
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -50,6 +63,12 @@ class RunMonitor:
     def sink(self, event: dict[str, Any], attempt: int) -> None:
         with self._lock:
             event["run"], event["attempt"] = self.run, attempt
+            details = event.pop("details", None)
+            if event.get("kind") == "error" and details:
+                # Kept in a file of its own: metrics.jsonl stays small and readable.
+                name = f"run-{self.run}-attempt-{attempt}-{event.get('role', 'worker')}-{event.get('worker')}.txt"
+                header = f"{event.get('role', 'worker')} {event.get('worker')}: {event.get('message')}\n\n"
+                event["details_file"] = str(self.store.write_error_details(self.job, name, header + details))
             self.store.append_events(self.job, [event])
             if attempt != self.attempt:
                 return  # a late word from an attempt already over
@@ -60,7 +79,8 @@ class RunMonitor:
                 self.started.add((role, int(event.get("worker", -1))))
             elif event.get("kind") == "error":
                 message = f"{role} {event.get('worker')}: {event.get('message')}"
-                self.errors.append((message, bool(event.get("retryable")) or bool(_SECONDARY.search(message))))
+                retryable = bool(event.get("retryable")) or bool(_SECONDARY.search(message))
+                self.errors.append(TaskError(message, retryable, event.get("details_file")))
 
     def show_logs(self) -> None:
         """Print what the cell printed on the workers; called from the kernel's main thread,
@@ -70,19 +90,26 @@ class RunMonitor:
         for line in lines:
             print(line)
 
-    def root_error(self) -> str | None:
+    def root_error(self) -> TaskError | None:
         """The first error that is a cause, not a peer's complaint that a collective broke."""
-        causes = [m for m, _ in self.errors if not _SECONDARY.search(m)]
-        return (causes or [m for m, _ in self.errors] or [None])[0]
+        causes = [e for e in self.errors if not _SECONDARY.search(e.message)]
+        return (causes or self.errors or [None])[0]
 
     def retryable(self) -> bool:
-        return all(r for _, r in self.errors)
+        return all(e.retryable for e in self.errors)
+
+    def failed(self) -> "AttemptFailed":
+        root = self.root_error()
+        if root is None:
+            return AttemptFailed("a TF task failed", self.retryable())
+        return AttemptFailed(str(root), self.retryable(), root.details_file)
 
 
 class AttemptFailed(TfosError):
-    def __init__(self, message: str, retryable: bool) -> None:
+    def __init__(self, message: str, retryable: bool, details_file: str | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.details_file = details_file
 
 
 def _spark_error_message(exc: BaseException) -> str:
@@ -158,7 +185,7 @@ def _watch(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
             # Wait a moment so that the failing task's own report can arrive after its peers'.
             first_error = first_error or time.time()
             if time.time() - first_error > ERROR_GRACE_S or not workers.running:
-                raise AttemptFailed(monitor.root_error() or "a TF task failed", monitor.retryable())
+                raise monitor.failed()
             continue
         if not workers.running:
             if workers.error is not None:

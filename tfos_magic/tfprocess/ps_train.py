@@ -19,8 +19,11 @@ from typing import Any, Callable
 import tensorflow as tf
 
 from ..errors import TfosError
-from ..job.job import H5_MODEL_FILE as MODEL_FILE
+from ..protocol.paths import CHECKPOINT_PREFIX
+from ..protocol.paths import H5_MODEL_FILE as MODEL_FILE
+from . import model_inputs
 from .context import Throttle, TrainContext
+from .keras_fit import NO_WEIGHTS
 
 SESSION_WAIT_S = 120.0
 
@@ -85,7 +88,7 @@ class PSContext(TrainContext):
         if not self.is_chief:
             return None
         step = int(sess.run(self.global_step)) if step is None else step
-        path = self._saver.save(sess, self.checkpoint_path("ckpt"), global_step=step)
+        path = self._saver.save(sess, self.checkpoint_path(CHECKPOINT_PREFIX), global_step=step)
         self.send("checkpoint", path=path, step=step, epoch=epoch)
         return path
 
@@ -98,17 +101,31 @@ class PSContext(TrainContext):
 
 
 def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
-    every = ctx.options.get("checkpoint_every_steps") or 0
+    every = ctx.options.checkpoint_every_steps
     with ctx.strategy.scope():
         step_var = tf.compat.v1.train.get_or_create_global_step()
         epoch_var = tf.compat.v1.Variable(0, dtype=tf.int64, trainable=False, name="tfos_epoch")
         model = build_model()
         if not isinstance(model, tf.keras.Model) or getattr(model, "optimizer", None) is None:
             raise TfosError("build_model() must return a compiled tf.keras model (call model.compile first).")
+        model_inputs.check(model, ctx.feed.spec)
         data = tf.compat.v1.data.make_initializable_iterator(ctx.dataset())
         x, y = data.get_next()
-        loss = _loss(model, y, model(x, training=True))
-        updates = model.optimizer.get_updates(loss, model.trainable_weights)
+        try:
+            pred = model(x, training=True)
+        except (ValueError, TypeError) as exc:
+            explained = model_inputs.explain(exc, model, ctx.feed.spec)
+            if explained is None:
+                raise
+            raise explained from exc
+        loss = _loss(model, y, pred)
+        weights = model.trainable_weights
+        if not weights:
+            raise TfosError(NO_WEIGHTS)
+        if all(g is None for g in tf.compat.v1.gradients(loss, weights)):
+            raise TfosError("The loss does not depend on any trainable weight of the model, so training would "
+                            "change nothing. Check that the model's output feeds the loss.")
+        updates = model.optimizer.get_updates(loss, weights)
         train_op = tf.group(*updates, *model.get_updates_for(None), step_var.assign_add(1))
         val = ctx.validation_dataset()
         if val is not None:
@@ -153,10 +170,37 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
 
 
 def _loss(model: Any, y: Any, pred: Any) -> Any:
-    losses = getattr(model, "loss_functions", None)  # Keras' wrappers handle (n,) vs (n, 1)
+    """The compiled loss as a scalar graph tensor.
+
+    A model compiled before it is built (no Input layer) has no `loss_functions` yet in
+    graph mode, and a plain loss function broadcasts a (batch,) label against a
+    (batch, 1) output into a (batch, batch) matrix: the loss then sits at the label's
+    variance and nothing is learnt. Keras' own fit reconciles the two shapes; so does this.
+    """
+    losses = getattr(model, "loss_functions", None)
     if losses:
         return losses[0](y, pred)
-    return tf.reduce_mean(tf.keras.losses.get(model.loss)(y, pred))
+    loss = model.loss
+    if isinstance(loss, dict):
+        loss = list(loss.values())
+    if isinstance(loss, (list, tuple)):
+        if len(loss) != 1:
+            raise TfosError("build_model() in --strategy ps supports one output with one loss; write a "
+                            "train(ctx) loop for a model with several.")
+        loss = loss[0]
+    fn = tf.keras.losses.get(loss)
+    return tf.reduce_mean(fn(*_match_ranks(y, pred)))
+
+
+def _match_ranks(y: Any, pred: Any) -> tuple[Any, Any]:
+    """A (batch,) label against a (batch, 1) output, or the reverse: give both the same rank."""
+    y_rank, p_rank = y.shape.rank, pred.shape.rank
+    if y_rank is not None and p_rank is not None:
+        if p_rank == y_rank + 1 and pred.shape[-1] == 1:
+            y = tf.expand_dims(y, -1)
+        elif y_rank == p_rank + 1 and y.shape[-1] == 1:
+            y = tf.squeeze(y, -1)
+    return tf.cast(y, pred.dtype) if y.dtype != pred.dtype and y.dtype.is_floating else y, pred
 
 
 def _evaluate(sess: Any, iterator: Any, loss: Any) -> float:

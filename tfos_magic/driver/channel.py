@@ -1,11 +1,6 @@
-"""A small authenticated channel from executor processes to the driver.
-
-Protocol (JSON lines over TCP): the client's first line is
-``{"v": 1, "job": NAME, "token": SECRET}``; the server answers ``{"ok": true}`` or
-``{"ok": false, "error": ...}`` and closes. After a good hello every line is one
-metric event, or a request (a line with "op", e.g. the embedded service registry's)
-that gets one answer line. Each job run gets a fresh random token, so a stray or stale process
-cannot write into a job.
+"""The notebook's end of the channel (protocol/channel.py): a threaded TCP server that
+authenticates each connection by job and per-attempt token, hands events to the job's
+sink and answers its requests (the embedded registry's).
 """
 
 from __future__ import annotations
@@ -13,13 +8,13 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
 import secrets
 import socket
 import socketserver
-import sys
 import threading
 from typing import Any, Callable
+
+from ..protocol.channel import PROTOCOL_VERSION, encode
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +67,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 log.exception("metric sink failed")
 
     def _reply(self, msg: dict[str, Any]) -> None:
-        self.wfile.write((json.dumps(msg) + "\n").encode())
+        self.wfile.write(encode(msg))
         self.wfile.flush()
 
 
@@ -140,7 +135,7 @@ class DriverChannel:
                 pass
 
     def authenticate(self, hello: Any) -> tuple[Sink, Handler | None] | None:
-        if not isinstance(hello, dict) or hello.get("v") != 1:
+        if not isinstance(hello, dict) or hello.get("v") != PROTOCOL_VERSION:
             return None
         entry = self._jobs.get(str(hello.get("job")))
         token = hello.get("token")
@@ -153,82 +148,3 @@ class DriverChannel:
         self._server.server_close()
 
 
-class ChannelClient:
-    """Executor side. Sending is best effort: a channel lost mid-run never stops training.
-
-    Whether the first connection worked is in `connected`/`error`; the TF process
-    refuses to start without it, since the notebook would see neither progress nor history.
-    """
-
-    def __init__(self, address: str, job: str, token: str, timeout: float = 10.0,
-                 on_close: Callable[[], None] | None = None) -> None:
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
-        self.error: str | None = None
-        host, port = address.rsplit(":", 1)
-        try:
-            sock = socket.create_connection((host, int(port)), timeout=timeout)
-            sock.sendall((json.dumps({"v": 1, "job": job, "token": token}) + "\n").encode())
-            self._reader = sock.makefile("rb")
-            reply = json.loads(self._reader.readline() or b"null")
-            if not (isinstance(reply, dict) and reply.get("ok")):
-                raise ConnectionRefusedError(f"driver refused the metrics channel: {reply}")
-            sock.settimeout(timeout)
-            self._sock = sock
-            if on_close is not None:  # the notebook ended this run (or died): tell the owner
-                threading.Thread(target=self._watch_close, args=(on_close,), daemon=True).start()
-        except (OSError, ValueError) as exc:
-            self.error = f"cannot open the metrics channel to the notebook at {address}: {exc}"
-            print(f"tfos: {self.error}", file=sys.stderr)
-
-    def _watch_close(self, on_close: Callable[[], None]) -> None:
-        """Events flow one way, so anything read here means the server closed the connection."""
-        sock = self._sock
-        if sock is None:
-            return
-        dup = socket.socket(fileno=os.dup(sock.fileno()))
-        dup.settimeout(None)
-        try:
-            while dup.recv(4096):
-                pass
-        except OSError:
-            pass
-        if self._sock is not None:  # not closed by its owner
-            on_close()
-
-    @property
-    def connected(self) -> bool:
-        return self._sock is not None
-
-    def send(self, event: dict[str, Any]) -> None:
-        if self._sock is None:
-            return
-        data = (json.dumps(event) + "\n").encode()
-        with self._lock:
-            try:
-                self._sock.sendall(data)
-            except OSError as exc:
-                print(f"tfos: metrics channel lost ({exc})", file=sys.stderr)
-                self._sock = None
-
-    def request(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Send a request (a dict with "op") and wait for its answer; raises OSError if the
-        channel is down."""
-        if self._sock is None:
-            raise ConnectionError(self.error or "channel closed")
-        with self._lock:
-            self._sock.sendall((json.dumps(msg) + "\n").encode())
-            line = self._reader.readline()
-        if not line:
-            raise ConnectionError("the notebook closed the channel")
-        return json.loads(line)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._sock is not None:
-                sock, self._sock = self._sock, None
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)  # also ends the close watcher's duplicate
-                except OSError:
-                    pass
-                sock.close()

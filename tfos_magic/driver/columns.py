@@ -8,52 +8,13 @@ the executors, as it streams.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
-
 from pyspark.sql import DataFrame, functions as F, types as T
 
 from ..errors import TfosError
+from ..protocol.feed_spec import DICT, MATRIX, SPLIT_COLUMN, ColumnSpec, FeedSpec
 
-SPLIT_COLUMN = "__tfos_split"
 _INTEGRAL = (T.ByteType, T.ShortType, T.IntegerType, T.LongType)
 _FRACTIONAL = (T.FloatType, T.DoubleType, T.DecimalType)
-
-
-@dataclass
-class ColumnSpec:
-    name: str
-    dtype: str  # "float32" or "int64"
-    is_array: bool = False
-
-
-@dataclass
-class FeedSpec:
-    """What the executor-side feed needs to turn Arrow batches into tensors (JSON-able)."""
-
-    features: list[ColumnSpec]
-    label: ColumnSpec | None
-    inputs: str  # "matrix" (one float32 tensor) or "dict" (name -> tensor)
-    has_validation: bool = False
-    array_lengths: dict[str, int] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FeedSpec":
-        return cls(
-            features=[ColumnSpec(**c) for c in d["features"]],
-            label=ColumnSpec(**d["label"]) if d.get("label") else None,
-            inputs=d["inputs"],
-            has_validation=d.get("has_validation", False),
-            array_lengths=dict(d.get("array_lengths") or {}),
-        )
-
-    @property
-    def columns(self) -> list[str]:
-        names = [c.name for c in self.features]
-        return names + ([self.label.name] if self.label else [])
 
 
 def _is_vector(dt: T.DataType) -> bool:
@@ -81,6 +42,14 @@ def _column_spec(name: str, dt: T.DataType, role: str) -> ColumnSpec:
         f"TensorFlow. Only numeric columns, fixed-length numeric arrays and ML vectors are "
         f"supported: {hint} in the %%spark_etl cell."
     )
+
+
+def auto_inputs(features: list[ColumnSpec]) -> str:
+    """One matrix when every feature is floating point (scalars, fixed-length float arrays and
+    ML vectors, concatenated in column order): the shape of VectorAssembler output and of
+    most models. A dict as soon as an integer column is among them: ids for embeddings
+    must stay int64 and apart."""
+    return MATRIX if all(c.dtype == "float32" for c in features) else DICT
 
 
 def _cast(spec: ColumnSpec, dt: T.DataType):
@@ -128,12 +97,10 @@ def prepare(
         raise TfosError("The DataFrame has no feature columns besides the label; add some in the %%spark_etl cell.")
     feature_specs = [_column_spec(n, fields[n], "feature") for n in names]
     label_spec = _column_spec(label, fields[label], "label") if label else None
-    mode = inputs
-    if mode == "auto":
-        mode = "matrix" if all(not c.is_array and c.dtype == "float32" for c in feature_specs) else "dict"
-    if mode not in ("matrix", "dict"):
+    mode = auto_inputs(feature_specs) if inputs == "auto" else inputs
+    if mode not in (MATRIX, DICT):
         raise TfosError(f"--inputs must be auto, matrix or dict, not {inputs!r}.")
-    if mode == "matrix":
+    if mode == MATRIX:
         for c in feature_specs:
             c.dtype = "float32"
     spec = FeedSpec(feature_specs, label_spec, mode, has_validation=validation is not None)

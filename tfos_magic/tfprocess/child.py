@@ -3,44 +3,25 @@
 TF's collective runtime is set up once per process and Spark reuses its Python
 workers, so TF never runs in the Spark worker itself. This process reads its Arrow
 stream on stdin, runs the user's cell, and leaves a result file for the feeding task.
-Usage: python -m tfos_magic.runtime.child CONFIG.json
+Usage: python -m tfos_magic.tfprocess.child CONFIG.json (secrets in the environment:
+protocol/plan.py).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import json
 import os
-import re
 import sys
-import traceback
 from typing import Any
 
-
-_ROOT_ERROR = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Failed)): (.+)$", re.M)
-
-
-def _fail_result(exc: BaseException) -> dict[str, Any]:
-    """One readable line for the user; the full traceback stays in the result and the log."""
-    from ..errors import TfosError
-    from ..feed.arrow_feed import FeedError
-
-    if isinstance(exc, (TfosError, FeedError)):
-        message = str(exc)
-    else:
-        text = str(exc)
-        # A Python error raised inside tf.data comes back wrapped in a TF OpError; dig it out.
-        inner = [m for m in _ROOT_ERROR.finditer(text) if m.group(1) not in ("Error", "InvalidArgumentError")]
-        if inner and "Graph execution error" in text:
-            name, detail = inner[-1].group(1), inner[-1].group(2)
-            message = detail if name in ("FeedError", "TfosError") else f"{name}: {detail}"
-        else:
-            message = f"{type(exc).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
-        frames = traceback.extract_tb(exc.__traceback__)
-        where = next((f for f in reversed(frames) if f.filename.startswith("<%%")), None)
-        if where:
-            message += f" (cell line {where.lineno}: {where.line})"
-    return {"status": "error", "error": message, "traceback": traceback.format_exc()}
+from ..protocol.channel import ChannelClient
+from ..protocol.events import make_event
+from ..protocol.logs import log_tail
+from ..protocol.net import free_port
+from ..protocol.plan import TaskConfig
+from .failures import failure
 
 
 class _PrintsToNotebook(io.TextIOBase):
@@ -54,8 +35,6 @@ class _PrintsToNotebook(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
-        from ..monitor import make_event
-
         self._original.write(text)
         lines = (self._partial + text).split("\n")
         self._partial = lines.pop()
@@ -92,11 +71,9 @@ def _fenced(result_path: str) -> None:
         os._exit(75)
 
 
-def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    from ..monitor import ChannelClient, make_event
-
-    role, index = cfg["role"], cfg["index"]
-    channel = ChannelClient(cfg["channel_address"], cfg["job"], cfg["token"], on_close=lambda: _fenced(cfg["result_path"]))
+def run(config: TaskConfig) -> dict[str, Any]:
+    plan, role, index = config.plan, config.role, config.index
+    channel = ChannelClient(plan.channel_address, plan.job, plan.token, on_close=lambda: _fenced(config.result_path))
     if not channel.connected:
         return {"status": "error", "error": f"TF {role} {index} {channel.error}. The executors must reach the "
                 "notebook's host: set TFOS_DRIVER_HOST (or spark.driver.host) to an address they can reach."}
@@ -106,11 +83,14 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"status": "ok"}
     cleanup: list[Any] = []
     try:
-        _train(cfg, channel, namespace, cleanup, result)
+        _train(config, channel, namespace, cleanup, result)
     except BaseException as exc:  # noqa: BLE001 - everything must reach the driver
-        result = _fail_result(exc)
+        import traceback
+
+        sys.stderr.flush()
+        result = failure(exc, log_tail(config.log_path))  # the traceback itself is in the details
         traceback.print_exc()
-        channel.send(make_event("error", index, role=role, message=result["error"]))
+        channel.send(make_event("error", index, role=role, message=result["error"], details=result["details"]))
     finally:
         shutdown = namespace.get("shutdown")
         if callable(shutdown):
@@ -125,31 +105,27 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _join_cluster(cfg: dict[str, Any], cleanup: list[Any]) -> dict[str, list[str]]:
+def _join_cluster(config: TaskConfig, cleanup: list[Any]) -> dict[str, list[str]]:
     """ps mode: register this task's address and wait for every PS and worker task."""
-    import socket
+    from .registry import client_for
 
-    from ..cluster.registry import client_from_plan
-
-    registry = client_from_plan(cfg, int(cfg["attempt"]))
+    registry = client_for(config.plan)
     cleanup.append(registry)  # closing it ends this task's ephemeral ZooKeeper nodes
-    with socket.socket() as s:
-        s.bind((cfg["bind_host"], 0))
-        port = s.getsockname()[1]
-    registry.register(cfg["role"], cfg["index"], f"{cfg['bind_host']}:{port}")
-    opts = cfg["options"]
-    return registry.wait_cluster({"ps": opts["ps"], "worker": opts["workers"]}, timeout=opts["start_timeout"])
+    address = f"{config.bind_host}:{free_port(config.bind_host)}"
+    registry.register(config.role, config.index, address)
+    opts = config.plan.options
+    return registry.wait_cluster({"ps": opts.ps, "worker": opts.workers}, timeout=opts.start_timeout)
 
 
-def _train(cfg: dict[str, Any], channel: Any, namespace: dict[str, Any], cleanup: list[Any],
+def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup: list[Any],
            result: dict[str, Any]) -> None:
-    from ..feed.arrow_feed import ArrowFeed
-    from ..feed.columns import FeedSpec
-    from . import user_code
+    from ..protocol import cells
+    from .arrow_feed import ArrowFeed
 
-    opts = cfg["options"]
-    ps_mode = opts["strategy"] == "ps"
-    cluster = _join_cluster(cfg, cleanup) if ps_mode else None
+    plan = config.plan
+    opts = plan.options
+    ps_mode = opts.strategy == "ps"
+    cluster = _join_cluster(config, cleanup) if ps_mode else None
     import tensorflow as tf
 
     from . import checkpoints, keras_fit, ps_train
@@ -157,25 +133,25 @@ def _train(cfg: dict[str, Any], channel: Any, namespace: dict[str, Any], cleanup
 
     if ps_mode:
         ps_train.graph_mode()
-        if cfg["role"] == "ps":
-            ps_train.serve(cluster, cfg["index"])
+        if config.role == "ps":
+            ps_train.serve(cluster, config.index)
             return
-        strategy: Any = ps_train.PSStrategy(cluster, cfg["index"])
-    user_code.run_cell(cfg["train_source"], cfg["job"], namespace)
+        strategy: Any = ps_train.PSStrategy(cluster, config.index)
+    cells.run_cell(plan.train_source, plan.job, namespace)
     if not ps_mode:
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    feed = ArrowFeed(sys.stdin.buffer, FeedSpec.from_dict(cfg["feed"]), cfg["spill_dir"])
+    feed = ArrowFeed(sys.stdin.buffer, plan.feed, config.workdir)
     ctx = (ps_train.PSContext if ps_mode else TrainContext)(
-        job=cfg["job"], strategy=strategy, feed=feed, worker_index=cfg["index"], num_workers=cfg["num_workers"],
-        checkpoint_dir=cfg["checkpoint_dir"], options=opts, channel=channel)
+        job=plan.job, strategy=strategy, feed=feed, worker_index=config.index, num_workers=config.num_workers,
+        checkpoint_dir=plan.checkpoint_dir, options=opts, channel=channel)
     cleanup.append(ctx)
     if ctx.is_chief:
         checkpoints.ensure_writable(ctx.checkpoint_dir)
-        if opts.get("restart") and int(cfg.get("attempt", 1)) == 1:
+        if opts.restart and plan.attempt == 1:
             checkpoints.clear(ctx.checkpoint_dir)
     runner = ps_train if ps_mode else keras_fit
     if "build_model" in namespace:
-        model = runner.fit(namespace["build_model"], ctx, restart=bool(opts.get("restart")))
+        model = runner.fit(namespace["build_model"], ctx, restart=opts.restart)
     else:
         model = namespace["train"](ctx)
         feed.drain()
@@ -185,13 +161,15 @@ def _train(cfg: dict[str, Any], channel: Any, namespace: dict[str, Any], cleanup
 
 
 def main(argv: list[str]) -> int:
-    with open(argv[1]) as f:
-        cfg = json.load(f)
-    result = run(cfg)
-    tmp = cfg["result_path"] + ".tmp"
+    # A crash in native code (TF, Arrow) leaves the Python stack in the log, which the
+    # Spark task sends to the notebook's errors/ dir.
+    faulthandler.enable()
+    config = TaskConfig.read(argv[1])
+    result = run(config)
+    tmp = config.result_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f)
-    os.replace(tmp, cfg["result_path"])
+    os.replace(tmp, config.result_path)
     sys.stdout.flush()
     sys.stderr.flush()
     # TF's runtime threads can keep a finished process alive; the result is written, so go.

@@ -5,8 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..feed.arrow_feed import ArrowFeed
-from ..monitor import ChannelClient, make_event
+from ..protocol.channel import ChannelClient
+from ..protocol.events import make_event
+from ..protocol.options import TrainOptions
+from ..protocol.paths import join_uri
+from .arrow_feed import ArrowFeed
 from .checkpoints import Checkpointer
 
 
@@ -14,7 +17,7 @@ class TrainContext:
     """One worker's view of the job: its data, strategy, checkpoints and metric reporting."""
 
     def __init__(self, *, job: str, strategy: Any, feed: ArrowFeed, worker_index: int,
-                 num_workers: int, checkpoint_dir: str, options: dict[str, Any],
+                 num_workers: int, checkpoint_dir: str, options: TrainOptions,
                  channel: ChannelClient) -> None:
         self.job = job
         self.strategy = strategy
@@ -23,8 +26,8 @@ class TrainContext:
         self.num_workers = num_workers
         self.checkpoint_dir = checkpoint_dir
         self.options = options
-        self.epochs: int = options["epochs"]
-        self.batch_size: int = options["batch_size"]
+        self.epochs: int = options.epochs
+        self.batch_size: int = options.batch_size
         self._channel = channel
         self._checkpointers: list[Checkpointer] = []
 
@@ -34,7 +37,7 @@ class TrainContext:
 
     def checkpoint_path(self, name: str) -> str:
         """A file in the checkpoint dir, which may be a URI (no os.path)."""
-        return f"{self.checkpoint_dir.rstrip('/')}/{name}"
+        return join_uri(self.checkpoint_dir, name)
 
     def dataset(self, batch_size: int | None = None):
         """This worker's rows as a tf.data.Dataset, streamed from its Spark partitions."""

@@ -1,0 +1,106 @@
+"""The layout shows which process runs a line, and the imports keep it true.
+
+kernel (magics, session, driver/, job/) -> protocol/; task/ -> protocol/;
+tfprocess/ -> protocol/; protocol/ -> nothing of the package but errors.
+"""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).parents[1] / "tfos_magic"
+SIDES = {
+    "kernel": {"magics", "session", "driver", "job", "__init__"},
+    "task": {"task"},
+    "tfprocess": {"tfprocess"},
+    "shared": {"protocol", "errors"},
+}
+ALLOWED = {
+    "kernel": {"kernel", "shared"},
+    "task": {"task", "shared"},
+    "tfprocess": {"tfprocess", "shared"},
+    "shared": {"shared"},
+}
+# The launcher hands Spark the task's entry point: the one place the kernel names task code.
+ENTRY_POINTS = {("driver/launcher.py", "task.feeder")}
+
+
+def _side(component: str) -> str:
+    return next(side for side, parts in SIDES.items() if component in parts)
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    """(dotted module inside the package, line) for every import, at any depth (lazy ones too)."""
+    rel = path.relative_to(PACKAGE)
+    here = list(rel.parent.parts)
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[: len(here) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+                names = [target] if node.module else [".".join(base + [a.name]) for a in node.names]
+                found += [(n, node.lineno) for n in names]
+            elif node.module and node.module.startswith("tfos_magic"):
+                found.append((node.module.removeprefix("tfos_magic").lstrip("."), node.lineno))
+        elif isinstance(node, ast.Import):
+            found += [(a.name.removeprefix("tfos_magic").lstrip("."), node.lineno) for a in node.names
+                      if a.name.startswith("tfos_magic")]
+    return found
+
+
+def _external(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _modules():
+    return sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+def _component(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def test_every_module_belongs_to_a_side():
+    for path in _modules():
+        _side(_component(path))  # StopIteration names a module outside the map
+
+
+def test_no_side_imports_another_except_through_the_shared_formats():
+    broken = []
+    for path in _modules():
+        side = _side(_component(path))
+        rel = str(path.relative_to(PACKAGE))
+        for module, line in _imports(path):
+            if not module:
+                continue
+            target = _side(module.split(".")[0])
+            if target not in ALLOWED[side] and (rel, module) not in ENTRY_POINTS:
+                broken.append(f"{rel}:{line} ({side}) imports {module} ({target})")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_tf_process_and_the_formats_import_no_spark_and_the_task_no_tensorflow():
+    for path in _modules():
+        component = _component(path)
+        external = _external(path)
+        if _side(component) in ("tfprocess", "shared"):
+            assert not external & {"pyspark", "IPython", "jupyter_core"}, (path, external)
+        if _side(component) in ("task", "shared"):
+            assert not external & {"tensorflow", "tf_keras"}, (path, external)
+
+
+def test_importing_the_task_side_loads_neither_tensorflow_nor_jupyter():
+    code = ("import sys, tfos_magic.task.feeder, tfos_magic.tfprocess.child, tfos_magic.tfprocess.arrow_feed\n"
+            "print(sorted(m for m in ('tensorflow', 'pyspark', 'jupyter_core', 'IPython') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

@@ -1,0 +1,122 @@
+"""The plan the notebook sends to every task of an attempt, and one TF process's config.
+
+Both are typed here, built in one place (`driver/launcher.py` makes the plan, the Spark
+task adds which task it is) and read everywhere else as attributes. They cross process
+and host boundaries as JSON. Secrets (the attempt's channel token, the ZooKeeper
+password) are left out of the JSON file a TF process reads its config from, and
+reach it through its environment instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .feed_spec import FeedSpec
+from .options import TrainOptions
+
+TOKEN_ENV = "TFOS_CHANNEL_TOKEN"
+ZK_AUTH_ENV = "TFOS_REGISTRY_AUTH"
+
+
+@dataclass(frozen=True)
+class RegistryPlan:
+    """Where PS and worker tasks register: "embedded" (the notebook's channel) or "zookeeper"."""
+
+    kind: str = "embedded"
+    hosts: str | None = None
+    auth: str | None = None  # USER:PASSWORD for a digest ACL
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """One attempt of one job, as every Spark task of it sees it."""
+
+    job: str
+    run: int
+    channel_address: str  # host:port of the notebook's channel
+    host: str | None  # where TF binds; None: the executor's own address
+    train_source: str
+    feed: FeedSpec
+    options: TrainOptions
+    checkpoint_dir: str
+    registry: RegistryPlan = field(default_factory=RegistryPlan)
+    attempt: int = 0
+    token: str = ""
+
+    @property
+    def strategy(self) -> str:
+        return self.options.strategy
+
+    def for_attempt(self, attempt: int, token: str) -> "TaskPlan":
+        return dataclasses.replace(self, attempt=attempt, token=token)
+
+    def with_array_lengths(self, lengths: dict[str, int]) -> "TaskPlan":
+        return dataclasses.replace(self, feed=dataclasses.replace(self.feed, array_lengths=dict(lengths)))
+
+    def to_dict(self, secrets: bool = True) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["feed"] = self.feed.to_dict()
+        out["options"] = self.options.to_dict(secrets=secrets)
+        out["registry"] = dataclasses.asdict(self.registry)
+        if not secrets:
+            out["token"] = None
+            out["registry"]["auth"] = None
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TaskPlan":
+        return cls(**dict(d, feed=FeedSpec.from_dict(d["feed"]), options=TrainOptions.from_dict(d["options"]),
+                          registry=RegistryPlan(**d["registry"])))
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One TF process: the attempt's plan, which task it is, and where its files go."""
+
+    plan: TaskPlan
+    role: str  # "worker" or "ps"
+    index: int
+    num_workers: int
+    bind_host: str
+    workdir: str  # the task's private dir: config, spill files, log and result
+
+    @property
+    def result_path(self) -> str:
+        return os.path.join(self.workdir, "result.json")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.workdir, "tf.log")
+
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.workdir, "config.json")
+
+    def secret_env(self) -> dict[str, str]:
+        """The secrets, for the TF process's environment rather than a file."""
+        env = {TOKEN_ENV: self.plan.token}
+        if self.plan.registry.auth:
+            env[ZK_AUTH_ENV] = self.plan.registry.auth
+        return env
+
+    def write(self) -> str:
+        data = {"role": self.role, "index": self.index, "num_workers": self.num_workers,
+                "bind_host": self.bind_host, "workdir": self.workdir, "plan": self.plan.to_dict(secrets=False)}
+        with open(self.config_path, "w") as f:
+            json.dump(data, f)
+        return self.config_path
+
+    @classmethod
+    def read(cls, path: str, env: dict[str, str] | None = None) -> "TaskConfig":
+        env = os.environ if env is None else env
+        with open(path) as f:
+            data = json.load(f)
+        plan = data.pop("plan")
+        plan["token"] = env.get(TOKEN_ENV, "")
+        plan["registry"]["auth"] = env.get(ZK_AUTH_ENV)
+        options = dict(plan["options"], zk_auth=plan["registry"]["auth"])
+        return cls(plan=TaskPlan.from_dict(dict(plan, options=options)), **data)
