@@ -23,6 +23,7 @@ from ..protocol.plan import RegistryPlan, TaskPlan
 from ..task.feeder import RESULT_DDL, make_ps_task, make_task
 from .channel import DriverChannel
 from .columns import prepare
+from .observers import JobObserver
 from .registry import EmbeddedRegistry, ZooKeeperView
 from .slots import check_slots
 from .supervisor import AttemptFailed, RunMonitor, SparkJob, run_attempt
@@ -82,23 +83,27 @@ def _registry(opts: TrainOptions, job: str) -> tuple[Any, RegistryPlan]:
     return EmbeddedRegistry(), RegistryPlan("embedded")
 
 
-def _worker_profile(sc, gpus: int):
+def _worker_profile(sc, gpus: int, observers: JobObserver):
     """Stage-level scheduling: GPUs for the workers where the cluster manager supports it."""
     if gpus <= 0:
         return None
     if sc.master.startswith("local"):
         log.warning("tfos: --gpus-per-worker %d ignored: local mode has no stage-level scheduling", gpus)
-        print(f"tfos: note: --gpus-per-worker {gpus} is ignored in local mode (no stage-level scheduling).")
+        observers.on_log(f"tfos: note: --gpus-per-worker {gpus} is ignored in local mode (no stage-level scheduling).")
         return None
     from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
 
     return ResourceProfileBuilder().require(TaskResourceRequests().cpus(1).resource("gpu", gpus)).build
 
 
-def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore,
-           validation: DataFrame | None = None) -> dict[str, Any]:
-    """Run the job to its end; return the final state dict, or raise JobFailed/KeyboardInterrupt."""
+def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: DataFrame | None = None,
+           observers: JobObserver | None = None) -> dict[str, Any]:
+    """Run the job to its end; return the final state dict, or raise JobFailed/KeyboardInterrupt.
+
+    Progress goes to `observers` (text, dashboard, CLI), always on this thread.
+    """
     opts, name, sc = spec.options, spec.name, spark.sparkContext
+    observers = observers or JobObserver()
     entry = check_train_source(spec.train_source or "", name)
     tasks = _check_strategy(opts)
     what = f"--workers {opts.workers}" + (f" plus --ps {opts.ps}" if opts.strategy == "ps" else "")
@@ -109,7 +114,7 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore,
     checkpoint_dir = opts.checkpoint_dir or store.default_checkpoint_dir(name)
     check_checkpoint_dir(checkpoint_dir)
     registry, registry_plan = _registry(opts, name)
-    profile = _worker_profile(sc, opts.gpus_per_worker)
+    profile = _worker_profile(sc, opts.gpus_per_worker, observers)
     if opts.restart:
         store.forget_metrics(name)
 
@@ -125,41 +130,45 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore,
     if opts.strategy == "ps":
         expected += [("ps", i) for i in range(opts.ps)]
     # The driver's pid and host let another process tell a live run from one whose kernel died.
-    store.write_state(name, state="running", run=run, attempt=1, started=time.time(), ended=None, error=None,
-                      error_file=None,
-                      checkpoint_dir=checkpoint_dir, workers=opts.workers, ps=opts.ps if opts.strategy == "ps" else 0,
-                      driver_pid=os.getpid(), driver_host=socket.gethostname())
+    state = store.write_state(
+        name, state="running", run=run, attempt=1, started=time.time(), ended=None, error=None, error_file=None,
+        checkpoint_dir=checkpoint_dir, workers=opts.workers, ps=opts.ps if opts.strategy == "ps" else 0,
+        epochs=opts.epochs, driver_pid=os.getpid(), driver_host=socket.gethostname())
+    observers.on_start(dict(state, job=name))
     try:
         for attempt in range(1, opts.max_restarts + 2):
             monitor.new_attempt(attempt)
             # A fresh token per attempt: registering it closes the previous attempt's channel,
             # which makes any of its TF processes still alive exit at once.
             token = channel.register(name, monitor.sink_for(attempt), requests)
-            store.write_state(name, attempt=attempt, job_group=f"tfos-{name}-run{run}-a{attempt}")
+            group = f"tfos-{name}-run{run}-a{attempt}"
+            store.write_state(name, attempt=attempt, job_group=group)
+            observers.on_event({"kind": "attempt", "attempt": attempt, "job_group": group})
             try:
-                _attempt(sc, frame, plan.for_attempt(attempt, token), profile, monitor, expected,
-                         f"tfos-{name}-run{run}-a{attempt}")
+                _attempt(sc, frame, plan.for_attempt(attempt, token), profile, monitor, expected, group, observers)
                 break
             except AttemptFailed as exc:
                 if not exc.retryable or attempt > opts.max_restarts:
                     store.write_state(name, error_file=exc.details_file)
                     raise JobFailed(f"Job {name!r} failed: {exc}"
                                     + (f" (after {attempt - 1} restart(s))" if attempt > 1 else "")) from None
-                print(f"tfos: job {name!r} attempt {attempt} failed ({exc}); restarting from the latest checkpoint")
+                observers.on_attempt_failed(attempt, str(exc))
     except KeyboardInterrupt:
-        store.write_state(name, state="stopped", ended=time.time(), error="interrupted by the user")
+        observers.on_end(store.write_state(name, state="stopped", ended=time.time(), error="interrupted by the user"))
         raise
     except TfosError as exc:
-        store.write_state(name, state="failed", ended=time.time(), error=str(exc))
+        observers.on_end(store.write_state(name, state="failed", ended=time.time(), error=str(exc)))
         raise
     finally:
         channel.unregister(name)
         registry.close()
-    return store.write_state(name, state="succeeded", ended=time.time(), error=None)
+    final = store.write_state(name, state="succeeded", ended=time.time(), error=None)
+    observers.on_end(final)
+    return final
 
 
 def _attempt(sc, frame: DataFrame, plan: TaskPlan, profile, monitor: RunMonitor,
-             expected: list[tuple[str, int]], group: str) -> None:
+             expected: list[tuple[str, int]], group: str, observers: JobObserver) -> None:
     ps = None
     opts = plan.options
     if opts.strategy == "ps":
@@ -167,4 +176,4 @@ def _attempt(sc, frame: DataFrame, plan: TaskPlan, profile, monitor: RunMonitor,
         ps = SparkJob(sc, f"{group}-ps", f"tfos {plan.job}: {opts.ps} parameter server(s)", ps_rdd.collect)
     stream = frame.mapInArrow(make_task(plan), RESULT_DDL, barrier=True, profile=profile)
     workers = SparkJob(sc, group, f"tfos {plan.job}: {opts.workers} worker(s)", stream.collect)
-    run_attempt(workers, ps, monitor, expected, opts.start_timeout)
+    run_attempt(workers, ps, monitor, expected, opts.start_timeout, observers)

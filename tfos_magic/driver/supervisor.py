@@ -9,6 +9,7 @@ executor) or not (an error in the cell or the data). Every wait is bounded.
 
 from __future__ import annotations
 
+import collections
 import re
 import threading
 import time
@@ -19,6 +20,7 @@ from pyspark import InheritableThread
 
 from ..errors import TfosError
 from ..job import JobStore
+from .observers import JobObserver
 
 POLL_S = 0.2
 ERROR_GRACE_S = 2.0
@@ -50,12 +52,15 @@ class RunMonitor:
     attempt: int = 1
     started: set[tuple[str, int]] = field(default_factory=set)
     errors: list[TaskError] = field(default_factory=list)
-    logs: list[str] = field(default_factory=list)  # printed by the cell, not yet shown
+    # Events of the current attempt not yet shown: filled by the channel's threads,
+    # drained by the kernel's main thread (so output lands in the running cell).
+    pending: collections.deque = field(default_factory=collections.deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def new_attempt(self, attempt: int) -> None:
         with self._lock:
             self.attempt, self.started, self.errors = attempt, set(), []
+            self.pending.clear()
 
     def sink_for(self, attempt: int) -> Callable[[dict[str, Any]], None]:
         return lambda event: self.sink(event, attempt)
@@ -73,22 +78,26 @@ class RunMonitor:
             if attempt != self.attempt:
                 return  # a late word from an attempt already over
             role = event.get("role", "worker")
-            if event.get("kind") == "log":
-                self.logs.append(f"[{role} {event.get('worker')}] {event.get('text', '')}")
-            elif event.get("kind") == "started":
+            self.pending.append(event)
+            if event.get("kind") == "started":
                 self.started.add((role, int(event.get("worker", -1))))
             elif event.get("kind") == "error":
                 message = f"{role} {event.get('worker')}: {event.get('message')}"
                 retryable = bool(event.get("retryable")) or bool(_SECONDARY.search(message))
                 self.errors.append(TaskError(message, retryable, event.get("details_file")))
 
-    def show_logs(self) -> None:
-        """Print what the cell printed on the workers; called from the kernel's main thread,
-        so the output lands in the running cell."""
-        with self._lock:
-            lines, self.logs = self.logs, []
-        for line in lines:
-            print(line)
+    def drain(self, observers: JobObserver) -> None:
+        """Hand the pending events to the observers; called on the kernel's main thread.
+        A `log` event becomes one `[worker 0] text` line."""
+        while True:
+            try:
+                event = self.pending.popleft()
+            except IndexError:
+                return
+            if event.get("kind") == "log":
+                observers.on_log(f"[{event.get('role', 'worker')} {event.get('worker')}] {event.get('text', '')}")
+            else:
+                observers.on_event(event)
 
     def root_error(self) -> TaskError | None:
         """The first error that is a cause, not a peer's complaint that a collective broke."""
@@ -160,27 +169,43 @@ class SparkJob:
 
 
 def run_attempt(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
-                expected: list[tuple[str, int]], start_timeout: float) -> None:
+                expected: list[tuple[str, int]], start_timeout: float, observers: JobObserver) -> None:
     """Watch one attempt; return when the workers succeed, raise AttemptFailed otherwise.
 
     Whatever happens, both Spark jobs are over when this returns or raises.
     """
     try:
-        _watch(workers, ps, monitor, expected, start_timeout)
+        _watch(workers, ps, monitor, expected, start_timeout, observers)
     finally:
         for job in (workers, ps):
             if job is not None and job.running:
                 job.cancel()
-        monitor.show_logs()
+        monitor.drain(observers)
+
+
+def stage_progress(sc, group: str) -> tuple[int, int] | None:
+    """(tasks done, tasks in all) of the group's active stages: the DataFrame being computed
+    before any TF process starts, so that a long ETL does not look like a hang."""
+    tracker = sc.statusTracker()
+    done = total = 0
+    for job_id in tracker.getJobIdsForGroup(group):
+        info = tracker.getJobInfo(job_id)
+        for stage_id in (info.stageIds if info else []):
+            stage = tracker.getStageInfo(stage_id)
+            if stage is not None:
+                done, total = done + stage.numCompletedTasks, total + stage.numTasks
+    return (done, total) if total else None
 
 
 def _watch(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
-           expected: list[tuple[str, int]], start_timeout: float) -> None:
+           expected: list[tuple[str, int]], start_timeout: float, observers: JobObserver) -> None:
     running_since: float | None = None
     first_error: float | None = None
+    progress: tuple[int, int] | None = None
     while True:
         workers.thread.join(POLL_S)
-        monitor.show_logs()
+        monitor.drain(observers)
+        observers.on_poll()
         if monitor.errors:
             # Wait a moment so that the failing task's own report can arrive after its peers'.
             first_error = first_error or time.time()
@@ -197,6 +222,11 @@ def _watch(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
             raise AttemptFailed(f"parameter server lost: {message}", retryable=True)
         if set(expected) <= monitor.started:
             continue
+        if not monitor.started:
+            now = stage_progress(workers.sc, workers.group)
+            if now is not None and now != progress:
+                progress = now
+                observers.on_event({"kind": "spark", "done": now[0], "total": now[1]})
         if running_since is None:
             if workers.stage_active():
                 running_since = time.time()
