@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up tfos-magic on a fresh Debian/Ubuntu machine with Python 3.11+:
-# system packages (Java 17+, ZooKeeper, Chromium) from apt, then a virtualenv in
+# system packages (Java 17+, ZooKeeper, Chromium, Node for the widget's build) from apt, then a virtualenv in
 # .venv with the package and its test extras from PyPI. Safe to run again: it
 # only installs what is missing.
 set -euo pipefail
@@ -29,6 +29,8 @@ java_ok || missing+=(java)
 [ -x /usr/share/zookeeper/bin/zkServer.sh ] || missing+=(zookeeper)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium chromium-driver)
 "$PYTHON" -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)
+# npm builds the dashboard's JS bundle when the package is installed from source.
+command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing system packages: ${missing[*]}"

@@ -7,7 +7,6 @@ the job to the launcher.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -120,11 +119,11 @@ class TfosMagics(Magics):
         )
         self.store.save_spec(spec)
         from .driver.launcher import launch
+        from .ui.views import observers_for
 
-        t0 = time.time()
-        launch(get_spark(self.shell.user_ns), spec, self.frames[name], self.store, validation)
-        job = Job(name, self.store)
-        print(summary(job, time.time() - t0))
+        spark = get_spark(self.shell.user_ns)
+        launch(spark, spec, self.frames[name], self.store, validation,
+               observers=observers_for(self.shell, spec, spark, validation is not None))
 
     def _validation_frame(self, var: str | None):
         if var is None:
@@ -152,23 +151,3 @@ class TfosMagics(Magics):
             last = ", ".join(f"{k}={v:.4g}" for k, v in hist[-1].items()
                              if k != "epoch" and isinstance(v, (int, float))) if hist else ""
             print(f"{n:24} {job.state:10} {len(hist):>6}  {last}")
-
-
-def summary(job: Job, elapsed: float) -> str:
-    hist = job.history
-    events = job.events
-    run = max((e.get("run", 0) for e in events), default=0)
-    lines = [f"tfos job {job.name!r} {job.state} in {elapsed:.1f}s: {len(hist)} epoch(s)"]
-    for e in events:
-        if e.get("kind") == "training" and e.get("worker") == 0 and e.get("run") == run and e.get("initial_step"):
-            lines.append(f"  resumed from step {e['initial_step']} (epoch {e['initial_epoch']}): {e['restored_from']}")
-            if e["initial_epoch"] >= job.spec.options.epochs:
-                lines.append(f"  --epochs {job.spec.options.epochs} already reached, nothing left to train; "
-                             "raise --epochs to train further, or pass --restart to start over")
-    if hist:
-        first, last = hist[0], hist[-1]
-        keys = [k for k in last if k not in ("epoch", "rows_per_s") and isinstance(last[k], (int, float))]
-        lines.append("  " + ", ".join(f"{k} {first.get(k, float('nan')):.4g} -> {last[k]:.4g}" for k in keys))
-    if job.latest_checkpoint:
-        lines.append(f"  latest checkpoint: {job.latest_checkpoint}")
-    return "\n".join(lines)

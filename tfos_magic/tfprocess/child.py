@@ -145,6 +145,10 @@ def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup:
         job=plan.job, strategy=strategy, feed=feed, worker_index=config.index, num_workers=config.num_workers,
         checkpoint_dir=plan.checkpoint_dir, options=opts, channel=channel)
     cleanup.append(ctx)
+    from .gpu_sampler import GpuSampler, default_source
+
+    cleanup.append(GpuSampler(lambda reading: channel.send(make_event("gpu", config.index, **reading)),
+                              default_source()).start())
     if ctx.is_chief:
         checkpoints.ensure_writable(ctx.checkpoint_dir)
         if opts.restart and plan.attempt == 1:
