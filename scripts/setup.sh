@@ -58,7 +58,8 @@ want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "installing tfos-magic with its test extras into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test]'
+  # Playwright drives Debian's Chromium (/usr/bin/chromium): no browser download.
+  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 .venv/bin/python -m pip install -q -e '.[test]'
   echo "$want" > "$stamp"
 fi
 say "ready: .venv/bin/python -m pytest, or bash scripts/test.sh"

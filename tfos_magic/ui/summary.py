@@ -29,6 +29,8 @@ def loss_png(model: DashboardModel, width: float = 7.0, height: float = 2.6) -> 
             ax.plot(xs, ys, "o-", color="#d62728", lw=2, ms=4, label="val_loss")
         else:
             ax.plot(xs, ys, lw=1.2, label=name)
+    if all(y > 0 for _, ys in series.values() for y in ys):
+        ax.set_yscale("log")  # losses span decades
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

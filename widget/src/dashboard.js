@@ -96,12 +96,14 @@ function render({ model, el: root }) {
     if (!names.length) return;
     const data = uPlot.join(names.map((n) => [series[n].x, series[n].y]));
     const width = Math.max(300, Math.min(880, box.clientWidth - 24 || 600));
-    if (plot === null || plotNames !== names.join("|")) {
+    const key = names.join("|") + (names.every((n) => series[n].y.every((v) => v > 0)) ? "|log" : "|lin");
+    if (plot === null || plotNames !== key) {
       if (plot) plot.destroy();
-      plotNames = names.join("|");
+      plotNames = key;
       plot = new uPlot({
         width, height: 220,
-        scales: { x: { time: false } },
+        // Losses span decades: a log scale once every value is positive.
+        scales: { x: { time: false }, y: { distr: names.every((n) => series[n].y.every((v) => v > 0)) ? 3 : 1 } },
         axes: [{ label: "step" }, { label: "loss" }],
         series: [{ label: "step" }, ...names.map((n, i) => ({
           label: n, stroke: n === "val_loss" ? "#d62728" : COLORS[i % COLORS.length], width: n === "val_loss" ? 2 : 1.25,
