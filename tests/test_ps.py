@@ -2,6 +2,8 @@
 with the embedded registry and with a real ZooKeeper server."""
 
 import contextlib
+import glob
+import os
 import threading
 import time
 
@@ -134,7 +136,7 @@ def train(ctx):
 
 PARITY_ETL = """%%spark_etl {name}
 from pyspark.sql import functions as F
-df = spark.range(20000, numPartitions=1).select(*[F.rand(seed=i).alias(f"x{{i}}") for i in range(4)])
+df = spark.range(12000, numPartitions=1).select(*[F.rand(seed=i).alias(f"x{{i}}") for i in range(4)])
 df.withColumn("y", 2 * F.col("x0") - 3 * F.col("x1") + 0.5 * F.col("x2") + F.col("x3") + 1.0)
 """
 # The label is (batch,) and every model's output (batch, 1); the label's variance is about 1.19,
@@ -180,6 +182,9 @@ def test_ps_trains_like_allreduce(shell, model):
         hist = get_job(name).history
         assert [h["epoch"] for h in hist] == [1, 2, 3, 4], (strategy, hist)
         final[strategy] = hist[-1]["loss"]
+        # TensorBoard event files, for `%tensorboard --logdir <job dir>/logs`.
+        boards = glob.glob(os.path.join(get_job(name).dir, "logs", "**", "events.out.tfevents.*"), recursive=True)
+        assert boards and all(os.path.getsize(b) > 0 for b in boards), (strategy, boards)
         # Learnt: far below the label's variance, where a model training on nothing stays.
         assert hist[-1]["loss"] < 0.05, (strategy, hist)
     # Band: asynchronous PS updates may land a little above the synchronous result.

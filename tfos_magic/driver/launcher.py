@@ -125,7 +125,7 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
     driver_host, worker_host = _hosts(sc)
     plan = TaskPlan(job=name, run=run, channel_address=f"{driver_host}:{channel.port}", host=worker_host,
                     train_source=spec.train_source or "", feed=feed, options=opts, checkpoint_dir=checkpoint_dir,
-                    registry=registry_plan)
+                    registry=registry_plan, log_dir=store.log_dir(name, checkpoint_dir))
     expected = [("worker", i) for i in range(opts.workers)]
     if opts.strategy == "ps":
         expected += [("ps", i) for i in range(opts.ps)]

@@ -7,6 +7,7 @@ Layout (format documented in docs/job-store.md)::
     $TFOS_HOME/jobs/<name>/metrics.jsonl  metric events, one JSON object a line ("v": 1)
     $TFOS_HOME/jobs/<name>/checkpoints/   default checkpoint dir
     $TFOS_HOME/jobs/<name>/errors/        each failed task's traceback and log tail
+    $TFOS_HOME/jobs/<name>/logs/          TensorBoard event files (chief only)
 
 JSON files are replaced atomically (temp file + os.replace) so a reader in another
 process (the sidebar, a batch tool) never sees half a file.
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import TfosError
+from ..protocol.paths import join_uri
 from .spec import JobSpec
 
 STATE_FORMAT = "tfos-state/1"
@@ -88,6 +90,13 @@ class JobStore:
 
     def default_checkpoint_dir(self, name: str) -> str:
         return str(self.job_dir(name) / "checkpoints")
+
+    def log_dir(self, name: str, checkpoint_dir: str) -> str:
+        """TensorBoard's dir: the job's logs/ with the default checkpoint dir, else beside the
+        checkpoints (a dir every executor can write to, which the job dir may not be)."""
+        if checkpoint_dir == self.default_checkpoint_dir(name):
+            return str(self.job_dir(name) / "logs")
+        return join_uri(checkpoint_dir, "logs")
 
     def exists(self, name: str) -> bool:
         return (self.job_dir(name) / "spec.json").exists()

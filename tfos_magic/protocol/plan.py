@@ -44,6 +44,7 @@ class TaskPlan:
     options: TrainOptions
     checkpoint_dir: str
     registry: RegistryPlan = field(default_factory=RegistryPlan)
+    log_dir: str = ""  # TensorBoard event files (chief only); "" for none
     attempt: int = 0
     token: str = ""
 

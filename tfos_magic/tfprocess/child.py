@@ -143,7 +143,7 @@ def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup:
     feed = ArrowFeed(sys.stdin.buffer, plan.feed, config.workdir)
     ctx = (ps_train.PSContext if ps_mode else TrainContext)(
         job=plan.job, strategy=strategy, feed=feed, worker_index=config.index, num_workers=config.num_workers,
-        checkpoint_dir=plan.checkpoint_dir, options=opts, channel=channel)
+        checkpoint_dir=plan.checkpoint_dir, options=opts, channel=channel, log_dir=plan.log_dir)
     cleanup.append(ctx)
     from .gpu_sampler import GpuSampler, default_source
 

@@ -18,13 +18,14 @@ class TrainContext:
 
     def __init__(self, *, job: str, strategy: Any, feed: ArrowFeed, worker_index: int,
                  num_workers: int, checkpoint_dir: str, options: TrainOptions,
-                 channel: ChannelClient) -> None:
+                 channel: ChannelClient, log_dir: str = "") -> None:
         self.job = job
         self.strategy = strategy
         self.feed = feed
         self.worker_index = worker_index
         self.num_workers = num_workers
         self.checkpoint_dir = checkpoint_dir
+        self.log_dir = log_dir  # TensorBoard event files, written by the chief
         self.options = options
         self.epochs: int = options.epochs
         self.batch_size: int = options.batch_size

@@ -15,6 +15,7 @@ from . import model_inputs
 from .context import Throttle, TrainContext
 
 UNBOUNDED_STEPS = 2**31 - 1
+TENSORBOARD_EVERY_STEPS = 50
 NO_WEIGHTS = ("The model has no trainable weights, so training would change nothing. Check that "
               "build_model() returns the model it built, with layers that have weights (e.g. Dense), "
               "and that they are not frozen (trainable=False).")
@@ -58,6 +59,16 @@ class TfosCallback(tf.keras.callbacks.Callback):
         self.ckpt.save(step, epoch=epoch + 1)
 
 
+def tensorboard_installed() -> bool:
+    """TF's summaries need the tensorboard package; without it, training goes on without logs."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        print("tfos: tensorboard is not installed: no TensorBoard logs for this job", flush=True)
+        return False
+    return True
+
+
 def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool) -> Any:
     with ctx.strategy.scope():
         model = build_model()
@@ -74,7 +85,11 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool) -> Any
     ctx.send("training", initial_step=initial_step, initial_epoch=initial_epoch, restored_from=restored)
     data = ctx.distributed_dataset()
     val = ctx.distributed_dataset(split="validation") if ctx.feed.spec.has_validation else None
-    callback = TfosCallback(ctx, ckpt, ctx.options.checkpoint_every_steps)
+    callbacks: list[Any] = [TfosCallback(ctx, ckpt, ctx.options.checkpoint_every_steps)]
+    if ctx.is_chief and ctx.log_dir and tensorboard_installed():
+        # For `%tensorboard --logdir`; the chief only, and no profiling.
+        callbacks.append(tf.keras.callbacks.TensorBoard(ctx.log_dir, update_freq=TENSORBOARD_EVERY_STEPS,
+                                                        profile_batch=0, write_graph=False))
     for epoch in range(initial_epoch, ctx.epochs):
         # One fit call per epoch, each a full pass that ends when every worker's data is
         # exhausted: TF's distributed iterator agrees the end across workers each step, so
@@ -82,7 +97,7 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool) -> Any
         try:
             model.fit(data, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=UNBOUNDED_STEPS,
                       validation_data=val, validation_steps=UNBOUNDED_STEPS if val else None,
-                      callbacks=[callback], verbose=0)
+                      callbacks=callbacks, verbose=0)
         except (ValueError, TypeError) as exc:  # raised while tracing the first step
             explained = model_inputs.explain(exc, model, ctx.feed.spec) if epoch == initial_epoch else None
             if explained is None:

@@ -23,7 +23,7 @@ from ..protocol.paths import CHECKPOINT_PREFIX
 from ..protocol.paths import H5_MODEL_FILE as MODEL_FILE
 from . import model_inputs
 from .context import Throttle, TrainContext
-from .keras_fit import NO_WEIGHTS
+from .keras_fit import NO_WEIGHTS, tensorboard_installed
 
 SESSION_WAIT_S = 120.0
 
@@ -141,6 +141,9 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
              restored_from=tf.train.latest_checkpoint(ctx.checkpoint_dir) if step else None)
     throttle = Throttle(1.0)
     last_saved = step
+    # TensorBoard event files for `%tensorboard --logdir`, written by the chief.
+    board = (tf.compat.v1.summary.FileWriter(ctx.log_dir)
+             if ctx.is_chief and ctx.log_dir and tensorboard_installed() else None)
     for epoch in range(initial_epoch, ctx.epochs):
         sess.run(data.initializer)
         total, steps, rows0, t0 = 0.0, 0, ctx.feed.rows_delivered, time.monotonic()
@@ -153,6 +156,7 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
             if throttle():
                 ctx.report(step=int(step), loss=total / steps,
                            rows_per_s=(ctx.feed.rows_delivered - rows0) / (time.monotonic() - t0))
+                _scalars(board, int(step), loss=total / steps)
             if every and ctx.is_chief and step - last_saved >= every:
                 ctx.save(sess, int(step), epoch=epoch)
                 last_saved = step
@@ -161,12 +165,22 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
         if val is not None:
             metrics["val_loss"] = _evaluate(sess, val_it, val_loss)
         ctx.report(step=int(step), epoch=epoch + 1, **metrics)
+        _scalars(board, int(step), **{f"epoch_{k}": v for k, v in metrics.items()})
         if ctx.is_chief:
             sess.run(next_epoch, feed_dict={finished_epochs: epoch + 1})
             ctx.save(sess, int(step), epoch=epoch + 1)
             last_saved = step
+    if board is not None:
+        board.close()
     ctx.feed.drain()
     return model
+
+
+def _scalars(writer: Any, step: int, **values: float | None) -> None:
+    if writer is None:
+        return
+    writer.add_summary(tf.compat.v1.Summary(value=[tf.compat.v1.Summary.Value(tag=k, simple_value=float(v))
+                                                   for k, v in values.items() if v is not None]), step)
 
 
 def _loss(model: Any, y: Any, pred: Any) -> Any:
