@@ -26,6 +26,9 @@ from .model import DashboardModel
 STATIC = Path(__file__).parent / "static"
 TICK_S = 1.0
 SNAPSHOT_S = 30.0
+# The output's own HTML/PNG fallback (for a kernel that dies mid-run) is refreshed more
+# rarely: drawing the PNG costs a few hundred ms, and the front end rebuilds the view.
+FALLBACK_S = 300.0
 VIEW_MIME = "application/vnd.jupyter.widget-view+json"
 
 
@@ -52,6 +55,7 @@ class DashboardObserver(JobObserver):
         self._handle: Any = None
         self._last_tick = 0.0
         self._last_snapshot = 0.0
+        self._last_fallback = time.monotonic()
         self.sent_points = 0  # how many points went out as appends (for tests and the CPU note)
 
     # --- display ------------------------------------------------------------
@@ -123,9 +127,11 @@ class DashboardObserver(JobObserver):
 
     def _sync_snapshot(self) -> None:
         """The decimated series and the log tail, as traits: what a reloaded page redraws.
-        The fallback in the output is refreshed with it (a new view loads this snapshot)."""
-        self._last_snapshot = time.monotonic()
+        Every FALLBACK_S the output's fallback is refreshed too, right after the snapshot,
+        so that the view the front end rebuilds starts from it."""
+        now = self._last_snapshot = time.monotonic()
         self.widget.snapshot = {k: [xs, ys] for k, (xs, ys) in self.model.snapshot().items()}
         self.widget.log_lines = self.model.logs[-200:]
-        if self._handle is not None and self.model.ended is None:
+        if self._handle is not None and self.model.ended is None and now - self._last_fallback >= FALLBACK_S:
+            self._last_fallback = now
             self._handle.update(self._bundle(with_png=True), raw=True)
