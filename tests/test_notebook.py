@@ -1,6 +1,6 @@
 """Acceptance: a notebook run by nbclient in a real kernel, as `jupyter nbconvert --execute` would.
 
-Covers a 2-worker all-reduce fit on 200k rows with a validation DataFrame, the
+Covers a 2-worker all-reduce fit on 100k rows with a validation DataFrame, the
 low-level train(ctx) path, and a resume from the saved step; the assertions on the
 jobs live in the notebook's own cells. Here: what the saved file keeps of the live
 dashboard, read without a kernel (the static summary, the widget state, nbconvert).

@@ -2,6 +2,7 @@
 install) and the `tfos` kernel spec, which Jupyter lists with no extra command."""
 
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -46,8 +47,10 @@ def test_a_plain_pip_install_into_a_fresh_venv_lists_the_kernel(wheel, tmp_path)
     proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # Only what the install put in place: no JUPYTER_PATH of the test session or the user.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER")}
     listing = subprocess.run([str(python), "-m", "jupyter_client.kernelspecapp", "list", "--json"],
-                             capture_output=True, text=True, timeout=120)
+                             capture_output=True, text=True, timeout=120, env=env)
     assert listing.returncode == 0, listing.stderr[-2000:]
     specs = json.loads(listing.stdout)["kernelspecs"]
     assert "tfos" in specs, specs.keys()

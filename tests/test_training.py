@@ -127,11 +127,13 @@ def build_model():
 }
 
 
-# Pairwise cover of inputs x validation (none, a limit() of the training frame, a frame of
-# its own) x workers (1, 2) x epochs (1, 3: later epochs read the memory-mapped spill).
+# Pairwise cover of inputs x validation (a limit() of the training frame, a frame of its
+# own) x workers (1, 2) x epochs (1, 3: later epochs read the memory-mapped spill); no
+# validation is covered by every other training test, and every combination of the four
+# at the feed level by test_feed.py.
 @pytest.mark.slow
 @pytest.mark.parametrize("inputs,validation,workers,epochs", [
-    ("matrix", "limited", 1, 3), ("matrix", "separate", 2, 1), ("matrix", None, 2, 3),
+    ("matrix", "limited", 1, 3), ("matrix", "separate", 2, 1),
     ("dict", "separate", 1, 3), ("dict", "limited", 2, 1),
 ])
 def test_validation_with_each_input_layout(shell, inputs, validation, workers, epochs):
@@ -145,7 +147,8 @@ def test_validation_with_each_input_layout(shell, inputs, validation, workers, e
     assert err is None, err
     hist = get_job(name).history
     assert [h["epoch"] for h in hist] == list(range(1, epochs + 1)), hist
-    # Predicting the mean label scores about 1.1; the model learns far below that.
-    assert hist[-1]["loss"] < 0.3, hist
+    # Predicting zero scores about 1.3. A 1-epoch loss is the mean over that epoch, early steps
+    # included; the validation loss and later epochs show what was learnt.
+    assert hist[-1]["loss"] < (0.3 if epochs > 1 else 1.0), hist
     if validation:
         assert all(h["val_loss"] < 0.3 for h in hist), hist
