@@ -164,3 +164,24 @@ def test_checkpoint_uri_that_workers_cannot_write(shell):
     err = _error(shell, "%%tf_train uri --label y --checkpoint-dir nosuchscheme://bucket/ckpt\n" + MODEL)
     assert isinstance(err, JobFailed), err
     assert "not writable from the workers" in str(err) and "--checkpoint-dir" in str(err)
+
+
+def test_a_job_running_elsewhere_is_not_started_twice(shell):
+    import socket
+    import subprocess
+
+    from tfos_magic.job import JobStore
+
+    run(shell, ETL.format(name="busy", rows=10))
+    other = subprocess.Popen(["sleep", "60"])  # stands in for the kernel that runs the job
+    try:
+        JobStore().write_state("busy", state="running", run=3, attempt=1, driver_pid=other.pid,
+                               driver_host=socket.gethostname())
+        err = _error(shell, "%%tf_train busy --label y\n" + MODEL)
+        assert isinstance(err, TfosError) and f"already running in process {other.pid}" in str(err), err
+    finally:
+        other.kill()
+        other.wait()
+    # Its kernel is gone: the stale 'running' does not block a new run (which fails on the label).
+    err = _error(shell, "%%tf_train busy --label nosuch\n" + MODEL)
+    assert "already running" not in str(err) and "'nosuch'" in str(err), err

@@ -62,6 +62,33 @@ def _hosts(sc) -> tuple[str, str | None]:
     return override or sc.getConf().get("spark.driver.host", "127.0.0.1"), None
 
 
+# Jobs this kernel is running now (a background run, later, or a second thread).
+_ACTIVE: set[str] = set()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def refuse_if_running(store: JobStore, name: str) -> None:
+    """A second run of a running job would fight the first over its checkpoints."""
+    state = store.read_state(name) or {}
+    pid, host = state.get("driver_pid"), state.get("driver_host")
+    elsewhere = (state.get("state") == "running" and isinstance(pid, int) and pid != os.getpid()
+                 and host == socket.gethostname() and _pid_alive(pid))
+    if name in _ACTIVE or elsewhere:
+        who = "this kernel" if name in _ACTIVE else f"process {pid} on {host}"
+        raise TfosError(f"Job {name!r} is already running in {who} (run {state.get('run')}, attempt "
+                        f"{state.get('attempt')}). Wait for it to end, or stop it first (interrupt that kernel); "
+                        "to train something else at the same time, give it another job name.")
+
+
 def _check_strategy(opts: TrainOptions) -> int:
     """Tasks the job needs at once."""
     if opts.strategy == "allreduce":
@@ -104,6 +131,7 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
     """
     opts, name, sc = spec.options, spec.name, spark.sparkContext
     observers = observers or JobObserver()
+    refuse_if_running(store, name)
     entry = check_train_source(spec.train_source or "", name)
     tasks = _check_strategy(opts)
     what = f"--workers {opts.workers}" + (f" plus --ps {opts.ps}" if opts.strategy == "ps" else "")
@@ -135,6 +163,7 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
         checkpoint_dir=checkpoint_dir, workers=opts.workers, ps=opts.ps if opts.strategy == "ps" else 0,
         epochs=opts.epochs, driver_pid=os.getpid(), driver_host=socket.gethostname())
     observers.on_start(dict(state, job=name))
+    _ACTIVE.add(name)
     try:
         for attempt in range(1, opts.max_restarts + 2):
             monitor.new_attempt(attempt)
@@ -160,6 +189,7 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
         observers.on_end(store.write_state(name, state="failed", ended=time.time(), error=str(exc)))
         raise
     finally:
+        _ACTIVE.discard(name)
         channel.unregister(name)
         registry.close()
     final = store.write_state(name, state="succeeded", ended=time.time(), error=None)
