@@ -139,3 +139,16 @@ def test_gpu_sampler_reads_a_fake_device_and_no_gpu_gives_process_stats():
     assert none["devices"] == [] and set(none["process"]) == {"cpu_percent", "rss_mb"}
     assert visible_indexes(4, {"CUDA_VISIBLE_DEVICES": "2,0"}) == [2, 0]
     assert visible_indexes(2, {}) == [0, 1]
+
+
+def test_checkpoint_sizes_are_read_from_local_files(tmp_path):
+    from tfos_magic.ui.widget import checkpoint_size
+
+    (tmp_path / "ckpt-7.index").write_bytes(b"x" * 10)
+    (tmp_path / "ckpt-7.data-00000-of-00001").write_bytes(b"x" * 90)
+    (tmp_path / "ckpt-70.index").write_bytes(b"x" * 1000)
+    assert checkpoint_size(str(tmp_path / "ckpt-7")) == 100
+    assert checkpoint_size("hdfs://nn/ck/ckpt-7") is None
+    view = DashboardObserver("j", epochs=1, workers=1)
+    view.on_event(_ev("checkpoint", 0, path=str(tmp_path / "ckpt-7"), step=7, epoch=1))
+    assert view.model.status()["checkpoints"][0]["size"] == 100

@@ -11,6 +11,8 @@ replaced in place (same display_id) by the static summary of `summary.py`.
 
 from __future__ import annotations
 
+import glob
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,15 @@ class Dashboard(anywidget.AnyWidget):
 def frontend_available(shell: Any) -> bool:
     """Whether a notebook front end can show widgets: a kernel, not a terminal IPython."""
     return shell is not None and type(shell).__name__ == "ZMQInteractiveShell" and (STATIC / "dashboard.js").exists()
+
+
+def checkpoint_size(path: str) -> int | None:
+    """Bytes of a checkpoint's files (`ckpt-N.index`, `.data-*`, `.meta`) on a local path;
+    None for a URI, which the kernel does not list."""
+    if "://" in path:
+        return None
+    files = glob.glob(glob.escape(path) + ".*")
+    return sum(os.path.getsize(f) for f in files) if files else None
 
 
 class DashboardObserver(JobObserver):
@@ -79,6 +90,8 @@ class DashboardObserver(JobObserver):
 
     def on_event(self, event: dict[str, Any]) -> None:
         self.model.feed(event)
+        if event.get("kind") == "checkpoint" and self.model.checkpoints:
+            self.model.checkpoints[0].size = checkpoint_size(str(event.get("path")))
         if event.get("kind") == "attempt":
             self.model.job_group = event.get("job_group", self.model.job_group)
         if event.get("kind") in ("checkpoint", "error", "attempt", "epoch"):
