@@ -6,7 +6,9 @@ the job to the launcher.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from typing import Any
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -19,6 +21,8 @@ from .protocol.cells import check_train_source, run_cell
 from .session import get_spark
 
 _DEFAULTS = TrainOptions()
+STOP_WAIT_S = 15.0
+log = logging.getLogger(__name__)
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -31,6 +35,8 @@ class TfosMagics(Magics):
         super().__init__(shell)
         self.store = store or JobStore()
         self.frames: dict[str, Any] = {}  # job name -> DataFrame, for this kernel's life
+        self.live: dict[str, Any] = {}  # job name -> observers of its background run
+        self.threads: dict[str, threading.Thread] = {}
 
     # ------------------------------------------------------------------
     @magic_arguments()
@@ -90,6 +96,8 @@ class TfosMagics(Magics):
               help="restarts from the latest checkpoint after a task dies")
     @argument("--start-timeout", type=float, default=_DEFAULTS.start_timeout,
               help="seconds for all TF workers to start once their Spark stage runs")
+    @argument("--background", action="store_true",
+              help="return at once; the job runs on in this kernel (see %%tfos_status, %%tfos_stop)")
     @cell_magic
     def tf_train(self, line: str, cell: str) -> None:
         """Train on the job's DataFrame with build_model() (Keras fit) or train(ctx); blocks until done."""
@@ -118,12 +126,74 @@ class TfosMagics(Magics):
             start_timeout=args.start_timeout,
         )
         self.store.save_spec(spec)
-        from .driver.launcher import launch
+        from .driver.launcher import launch, refuse_if_running
         from .ui.views import observers_for
 
         spark = get_spark(self.shell.user_ns)
-        launch(spark, spec, self.frames[name], self.store, validation,
-               observers=observers_for(self.shell, spec, spark, validation is not None))
+        observers = observers_for(self.shell, spec, spark, validation is not None, background=args.background)
+        if not args.background:
+            launch(spark, spec, self.frames[name], self.store, validation, observers=observers)
+            return
+        refuse_if_running(self.store, name)
+        for view in observers.observers:  # shown here, in this cell, before the thread starts
+            show = getattr(view, "show", None)
+            if callable(show):
+                show()
+        self.live[name] = observers
+        thread = threading.Thread(target=self._background, name=f"tfos-{name}", daemon=True,
+                                  args=(spark, spec, self.frames[name], validation, observers))
+        thread.start()
+        self.threads[name] = thread
+        if not any(hasattr(v, "show") for v in observers.observers):
+            print(f"tfos job {name!r} runs in the background: %tfos_status {name} shows it, %tfos_stop {name} "
+                  "stops it.")
+
+    def _background(self, spark: Any, spec: JobSpec, frame: Any, validation: Any, observers: Any) -> None:
+        """A background run: its end (success, failure, stop) is in the store and the dashboard."""
+        from .driver.launcher import launch
+
+        try:
+            launch(spark, spec, frame, self.store, validation, observers=observers)
+        except Exception:  # noqa: BLE001 - already recorded in state.json and shown by the dashboard
+            log.info("tfos: background job %s ended with an error", spec.name, exc_info=True)
+        finally:
+            self.live.pop(spec.name, None)
+
+    # ------------------------------------------------------------------
+    @line_magic
+    def tfos_status(self, line: str = "") -> None:
+        """Show a job's dashboard: its history from metrics.jsonl, then live if it runs here."""
+        name = check_name(line.strip())
+        from .ui.views import replay
+
+        view = replay(self.store, name, self.shell)
+        live = self.live.get(name)
+        state = self.store.read_state(name) or {}
+        if live is not None:
+            live.observers.append(view)  # from now on it follows the run
+        elif state.get("state") == "running":
+            print(f"tfos job {name!r} is running in another kernel ({state.get('driver_host')}, pid "
+                  f"{state.get('driver_pid')}): this is its history so far.")
+        else:
+            view.on_end(state)
+
+    @line_magic
+    def tfos_stop(self, line: str = "") -> None:
+        """Stop a running job: its Spark jobs are cancelled and its TF processes end."""
+        from .driver.launcher import request_stop
+
+        name = check_name(line.strip())
+        state = self.store.read_state(name) or {}
+        here = request_stop(self.store, name)
+        if not here and state.get("state") != "running":
+            self.store.clear_stop_request(name)
+            raise TfosError(f"Job {name!r} is not running (state: {state.get('state', 'registered')}).")
+        thread = self.threads.get(name)
+        if here and thread is not None:
+            thread.join(STOP_WAIT_S)
+        after = (self.store.read_state(name) or {}).get("state")
+        print(f"tfos job {name!r}: " + ("stopped" if after == "stopped" else
+                                        "stop requested; the kernel that runs it ends it within seconds"))
 
     def _validation_frame(self, var: str | None):
         if var is None:

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -26,7 +27,7 @@ from .columns import prepare
 from .observers import JobObserver
 from .registry import EmbeddedRegistry, ZooKeeperView
 from .slots import check_slots
-from .supervisor import AttemptFailed, RunMonitor, SparkJob, run_attempt
+from .supervisor import AttemptFailed, JobStopped, RunMonitor, SparkJob, run_attempt
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,23 @@ def _hosts(sc) -> tuple[str, str | None]:
     return override or sc.getConf().get("spark.driver.host", "127.0.0.1"), None
 
 
-# Jobs this kernel is running now (a background run, later, or a second thread).
-_ACTIVE: set[str] = set()
+# Jobs this kernel is running now, each with its stop flag (a background run, or a
+# foreground one stopped through a stop request from another process).
+_ACTIVE: dict[str, threading.Event] = {}
+
+
+def running_here(name: str) -> bool:
+    return name in _ACTIVE
+
+
+def request_stop(store: JobStore, name: str) -> bool:
+    """Ask the run of `name` to stop: at once if this kernel runs it, else through the stop
+    request file that the running kernel polls. Returns whether it is running here."""
+    store.request_stop(name)
+    event = _ACTIVE.get(name)
+    if event is not None:
+        event.set()
+    return event is not None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -162,8 +178,21 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
         name, state="running", run=run, attempt=1, started=time.time(), ended=None, error=None, error_file=None,
         checkpoint_dir=checkpoint_dir, workers=opts.workers, ps=opts.ps if opts.strategy == "ps" else 0,
         epochs=opts.epochs, driver_pid=os.getpid(), driver_host=socket.gethostname())
+    store.clear_stop_request(name)
+    stop_event = _ACTIVE[name] = threading.Event()
+    last_check = [0.0]
+
+    def stop() -> bool:
+        if stop_event.is_set():
+            return True
+        now = time.monotonic()
+        if now - last_check[0] >= 1.0:  # a stat a second for requests from other processes
+            last_check[0] = now
+            if store.stop_requested(name):
+                stop_event.set()
+        return stop_event.is_set()
+
     observers.on_start(dict(state, job=name))
-    _ACTIVE.add(name)
     try:
         for attempt in range(1, opts.max_restarts + 2):
             monitor.new_attempt(attempt)
@@ -174,7 +203,8 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
             store.write_state(name, attempt=attempt, job_group=group)
             observers.on_event({"kind": "attempt", "attempt": attempt, "job_group": group})
             try:
-                _attempt(sc, frame, plan.for_attempt(attempt, token), profile, monitor, expected, group, observers)
+                _attempt(sc, frame, plan.for_attempt(attempt, token), profile, monitor, expected, group, observers,
+                         stop)
                 break
             except AttemptFailed as exc:
                 if not exc.retryable or attempt > opts.max_restarts:
@@ -185,11 +215,16 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
     except KeyboardInterrupt:
         observers.on_end(store.write_state(name, state="stopped", ended=time.time(), error="interrupted by the user"))
         raise
+    except JobStopped:
+        final = store.write_state(name, state="stopped", ended=time.time(), error="stopped on request")
+        observers.on_end(final)
+        return final
     except TfosError as exc:
         observers.on_end(store.write_state(name, state="failed", ended=time.time(), error=str(exc)))
         raise
     finally:
-        _ACTIVE.discard(name)
+        _ACTIVE.pop(name, None)
+        store.clear_stop_request(name)
         channel.unregister(name)
         registry.close()
     final = store.write_state(name, state="succeeded", ended=time.time(), error=None)
@@ -198,7 +233,7 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
 
 
 def _attempt(sc, frame: DataFrame, plan: TaskPlan, profile, monitor: RunMonitor,
-             expected: list[tuple[str, int]], group: str, observers: JobObserver) -> None:
+             expected: list[tuple[str, int]], group: str, observers: JobObserver, stop) -> None:
     ps = None
     opts = plan.options
     if opts.strategy == "ps":
@@ -206,4 +241,4 @@ def _attempt(sc, frame: DataFrame, plan: TaskPlan, profile, monitor: RunMonitor,
         ps = SparkJob(sc, f"{group}-ps", f"tfos {plan.job}: {opts.ps} parameter server(s)", ps_rdd.collect)
     stream = frame.mapInArrow(make_task(plan), RESULT_DDL, barrier=True, profile=profile)
     workers = SparkJob(sc, group, f"tfos {plan.job}: {opts.workers} worker(s)", stream.collect)
-    run_attempt(workers, ps, monitor, expected, opts.start_timeout, observers)
+    run_attempt(workers, ps, monitor, expected, opts.start_timeout, observers, stop)

@@ -114,6 +114,10 @@ class RunMonitor:
         return AttemptFailed(str(root), self.retryable(), root.details_file)
 
 
+class JobStopped(Exception):
+    """The user asked the job to stop (%tfos_stop, a stop request file)."""
+
+
 class AttemptFailed(TfosError):
     def __init__(self, message: str, retryable: bool, details_file: str | None = None) -> None:
         super().__init__(message)
@@ -169,13 +173,14 @@ class SparkJob:
 
 
 def run_attempt(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
-                expected: list[tuple[str, int]], start_timeout: float, observers: JobObserver) -> None:
+                expected: list[tuple[str, int]], start_timeout: float, observers: JobObserver,
+                stop: Callable[[], bool] = lambda: False) -> None:
     """Watch one attempt; return when the workers succeed, raise AttemptFailed otherwise.
 
     Whatever happens, both Spark jobs are over when this returns or raises.
     """
     try:
-        _watch(workers, ps, monitor, expected, start_timeout, observers)
+        _watch(workers, ps, monitor, expected, start_timeout, observers, stop)
     finally:
         for job in (workers, ps):
             if job is not None and job.running:
@@ -198,7 +203,8 @@ def stage_progress(sc, group: str) -> tuple[int, int] | None:
 
 
 def _watch(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
-           expected: list[tuple[str, int]], start_timeout: float, observers: JobObserver) -> None:
+           expected: list[tuple[str, int]], start_timeout: float, observers: JobObserver,
+           stop: Callable[[], bool]) -> None:
     running_since: float | None = None
     first_error: float | None = None
     progress: tuple[int, int] | None = None
@@ -206,6 +212,8 @@ def _watch(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
         workers.thread.join(POLL_S)
         monitor.drain(observers)
         observers.on_poll()
+        if stop():
+            raise JobStopped("stopped on request")
         if monitor.errors:
             # Wait a moment so that the failing task's own report can arrive after its peers'.
             first_error = first_error or time.time()

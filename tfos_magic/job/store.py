@@ -8,6 +8,7 @@ Layout (format documented in docs/job-store.md)::
     $TFOS_HOME/jobs/<name>/checkpoints/   default checkpoint dir
     $TFOS_HOME/jobs/<name>/errors/        each failed task's traceback and log tail
     $TFOS_HOME/jobs/<name>/logs/          TensorBoard event files (chief only)
+    $TFOS_HOME/jobs/<name>/stop-request   present while a stop is asked for (%tfos_stop)
 
 JSON files are replaced atomically (temp file + os.replace) so a reader in another
 process (the sidebar, a batch tool) never sees half a file.
@@ -156,6 +157,20 @@ class JobStore:
                     yield json.loads(line)
                 except json.JSONDecodeError:
                     continue
+
+    # stop requests ------------------------------------------------------
+    def stop_request_path(self, name: str) -> Path:
+        return self.job_dir(name) / "stop-request"
+
+    def request_stop(self, name: str) -> None:
+        """Ask the kernel running the job to stop it (honoured within a second or so)."""
+        self.stop_request_path(name).write_text(str(time.time()))
+
+    def stop_requested(self, name: str) -> bool:
+        return self.stop_request_path(name).exists()
+
+    def clear_stop_request(self, name: str) -> None:
+        self.stop_request_path(name).unlink(missing_ok=True)
 
     # errors -----------------------------------------------------------
     def errors_dir(self, name: str) -> Path:

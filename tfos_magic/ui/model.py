@@ -205,8 +205,8 @@ class DashboardModel:
     def attempt_failed(self, attempt: int, message: str) -> None:
         self.restarts.append(f"attempt {attempt}: {message}")
 
-    def end(self, state: str, error: str | None = None) -> None:
-        self.state, self.ended = state, time.time()
+    def end(self, state: str, error: str | None = None, ended: float | None = None) -> None:
+        self.state, self.ended = state, ended or time.time()
         self.phase = state
         if error:
             self.error = error

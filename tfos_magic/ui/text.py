@@ -39,7 +39,7 @@ class TextObserver(JobObserver):
         print(progress_line(self.model), flush=True)
 
     def on_end(self, state: dict[str, Any]) -> None:
-        self.model.end(state.get("state", "failed"), state.get("error"))
+        self.model.end(state.get("state", "failed"), state.get("error"), state.get("ended"))
         if self.model.state != "failed":  # a failure is raised, and shown, by the cell itself
             print(summary.text(self.model))
 

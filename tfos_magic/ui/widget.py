@@ -108,7 +108,7 @@ class DashboardObserver(JobObserver):
         self._push()
 
     def on_end(self, state: dict[str, Any]) -> None:
-        self.model.end(state.get("state", "failed"), state.get("error"))
+        self.model.end(state.get("state", "failed"), state.get("error"), state.get("ended"))
         self.model.error_file = state.get("error_file") or self.model.error_file
         self._push(force=True)
         self._sync_snapshot()
