@@ -103,6 +103,10 @@ class TfosMagics(Magics):
         """Train on the job's DataFrame with build_model() (Keras fit) or train(ctx); blocks until done."""
         args = parse_argstring(self.tf_train, line)
         name = check_name(args.job)
+        thread = self.threads.get(name)
+        if thread is not None and thread.is_alive():
+            raise TfosError(f"Job {name!r} is already running in this kernel, in the background. Stop it with "
+                            f"%tfos_stop {name}, or give the new run another job name.")
         if not self.store.exists(name) or name not in self.frames:
             raise TfosError(
                 f"Job {name!r} has no DataFrame in this kernel. Run a `%%spark_etl {name}` cell first "
