@@ -222,3 +222,32 @@ def tf_processes_gone(pattern: str, timeout: float = 30.0) -> bool:
             return False
         time.sleep(0.2)
     return True
+
+
+@pytest.fixture
+def local_kernel(tmp_path, monkeypatch, tfos_kernel):
+    """A real `tfos` kernel (jupyter_client) on its own local[2] Spark session and job store.
+    Yields (kernel manager, client, TFOS_HOME); shut down after the test."""
+    from jupyter_client.manager import start_new_kernel
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("TFOS_HOME", str(home))
+    monkeypatch.setenv("TFOS_SPARK_MASTER", "local[2]")
+    km, kc = start_new_kernel(kernel_name=tfos_kernel)
+    try:
+        yield km, kc, home
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def kernel_run(kc, code: str, timeout: float = 120) -> tuple[dict, str]:
+    """Run `code` in a kernel: (the reply's content, its outputs as text; display data by mime type)."""
+    outputs = []
+
+    def hook(msg):
+        content = msg["content"]
+        outputs.append(content.get("text") or content.get("evalue") or str(content.get("data", {}).keys()))
+
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+    return reply["content"], "".join(outputs)

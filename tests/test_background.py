@@ -5,8 +5,7 @@ with no TF process or Spark job left."""
 import time
 
 import pytest
-from conftest import tf_processes, tf_processes_gone
-from jupyter_client.manager import start_new_kernel
+from conftest import kernel_run, tf_processes, tf_processes_gone
 
 from tfos_magic import get_job
 
@@ -18,54 +17,36 @@ TRAIN = ("%%tf_train bg --workers 2 --epochs 1000 --batch-size 64 --label y --ba
          "    return m\n")
 
 
-def _run(kc, code, timeout=120):
-    outputs = []
-
-    def hook(msg):
-        content = msg["content"]
-        outputs.append(content.get("text") or content.get("evalue") or str(content.get("data", {}).keys()))
-
-    reply = kc.execute_interactive(code, timeout=timeout, output_hook=hook)
-    return reply["content"], "".join(outputs)
-
-
 @pytest.mark.slow
-def test_background_job_status_and_stop(tmp_path, monkeypatch, tfos_kernel):
-    home = tmp_path / "home"
-    monkeypatch.setenv("TFOS_HOME", str(home))
-    monkeypatch.setenv("TFOS_SPARK_MASTER", "local[2]")
-    km, kc = start_new_kernel(kernel_name=tfos_kernel)
-    try:
-        reply, out = _run(kc, "%%spark_etl bg\nspark.range(300000).selectExpr('rand(1) as a', 'rand(2) as y')")
-        assert reply["status"] == "ok", out
-        t0 = time.time()
-        reply, out = _run(kc, TRAIN)
-        assert reply["status"] == "ok", out
-        assert time.time() - t0 < 15, "a background cell returns at once"
-        assert "widget-view" in out or "background" in out, out
-        reply, out = _run(kc, "print(6 * 7)")
-        assert reply["status"] == "ok" and "42" in out, "the kernel is free while the job runs"
-        reply, out = _run(kc, TRAIN)
-        assert reply["status"] == "error" and "already running in this kernel" in out, out
+def test_background_job_status_and_stop(local_kernel):
+    _, kc, home = local_kernel
+    reply, out = kernel_run(kc, "%%spark_etl bg\nspark.range(300000).selectExpr('rand(1) as a', 'rand(2) as y')")
+    assert reply["status"] == "ok", out
+    t0 = time.time()
+    reply, out = kernel_run(kc, TRAIN)
+    assert reply["status"] == "ok", out
+    assert time.time() - t0 < 15, "a background cell returns at once"
+    assert "widget-view" in out or "background" in out, out
+    reply, out = kernel_run(kc, "print(6 * 7)")
+    assert reply["status"] == "ok" and "42" in out, "the kernel is free while the job runs"
+    reply, out = kernel_run(kc, TRAIN)
+    assert reply["status"] == "error" and "already running in this kernel" in out, out
 
-        deadline = time.time() + 240
-        while sum(e["kind"] == "step" for e in get_job("bg", str(home)).events) < 2:
-            assert time.time() < deadline, "training never started"
-            time.sleep(0.5)
-        assert len(tf_processes("tfos-bg-")) == 2
-        reply, out = _run(kc, "%tfos_status bg")
-        assert reply["status"] == "ok" and "widget-view" in out, out
+    deadline = time.time() + 240
+    while sum(e["kind"] == "step" for e in get_job("bg", str(home)).events) < 2:
+        assert time.time() < deadline, "training never started"
+        time.sleep(0.5)
+    assert len(tf_processes("tfos-bg-")) == 2
+    reply, out = kernel_run(kc, "%tfos_status bg")
+    assert reply["status"] == "ok" and "widget-view" in out, out
 
-        t0 = time.time()
-        reply, out = _run(kc, "%tfos_stop bg", timeout=60)
-        assert reply["status"] == "ok" and "stopped" in out, out
-        assert time.time() - t0 < 15, "control returns within 15 s"
-        assert get_job("bg", str(home)).state == "stopped"
-        assert tf_processes_gone("tfos-bg-", timeout=30), "TF processes outlived the stop"
-        reply, out = _run(kc, "assert spark.sparkContext.statusTracker().getActiveJobsIds() == []")
-        assert reply["status"] == "ok", out
-        reply, out = _run(kc, "%tfos_stop bg")
-        assert reply["status"] == "error" and "is not running" in out, out
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
+    t0 = time.time()
+    reply, out = kernel_run(kc, "%tfos_stop bg", timeout=60)
+    assert reply["status"] == "ok" and "stopped" in out, out
+    assert time.time() - t0 < 15, "control returns within 15 s"
+    assert get_job("bg", str(home)).state == "stopped"
+    assert tf_processes_gone("tfos-bg-", timeout=30), "TF processes outlived the stop"
+    reply, out = kernel_run(kc, "assert spark.sparkContext.statusTracker().getActiveJobsIds() == []")
+    assert reply["status"] == "ok", out
+    reply, out = kernel_run(kc, "%tfos_stop bg")
+    assert reply["status"] == "error" and "is not running" in out, out

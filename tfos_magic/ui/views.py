@@ -39,12 +39,7 @@ def replay(store: Any, name: str, shell: Any) -> JobObserver:
     spec = store.load_spec(name)
     state = store.read_state(name) or {}
     opts = spec.options
-    views = observers_for(shell, spec, has_validation=bool(opts.validation_df)).observers
-    view = views[0] if views else None
-    if view is None:
-        from .text import TextObserver
-
-        view = TextObserver(name, epochs=opts.epochs, workers=opts.workers)
+    view = observers_for(shell, spec, has_validation=bool(opts.validation_df)).observers[0]
     run = state.get("run")
     model = view.model
     model.attempt = int(state.get("attempt") or 1)
