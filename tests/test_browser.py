@@ -83,6 +83,7 @@ def _dismiss_news(page) -> None:
 def test_dashboard_live_then_summary_in_jupyterlab(lab, tmp_path):
     from playwright.sync_api import sync_playwright
 
+    assert shutil.which(CHROMIUM), "Debian's chromium is missing: run scripts/setup.sh (apt-get install chromium)"
     url, token = lab
     shots = Path(os.environ.get("TFOS_SCREENSHOTS") or tmp_path)
     with sync_playwright() as pw:
@@ -122,5 +123,3 @@ def test_dashboard_live_then_summary_in_jupyterlab(lab, tmp_path):
     assert (shots / "dashboard-live.png").stat().st_size > 10_000
     assert (shots / "dashboard-summary.png").stat().st_size > 10_000
 
-
-pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Debian's chromium is installed by scripts/setup.sh")
