@@ -224,6 +224,20 @@ def tf_processes_gone(pattern: str, timeout: float = 30.0) -> bool:
     return True
 
 
+def assert_stop_checkpoint(job) -> dict:
+    """The checkpoint the workers saved when the job was asked to stop: its event says so,
+    its files exist, and it is the latest one (what a resume restores)."""
+    saved = [e for e in job.events if e["kind"] == "checkpoint" and e.get("reason") == "stop"]
+    assert saved, f"no checkpoint from the stop; events: {[e['kind'] for e in job.events][-20:]}"
+    path = saved[-1]["path"]
+    assert os.path.exists(path + ".index"), f"the stop's checkpoint {path} has no files"
+    with open(os.path.join(os.path.dirname(path), "checkpoint")) as f:
+        assert os.path.basename(path) in f.readline(), "the stop's checkpoint is not the latest"
+    steps = [e["step"] for e in job.events if e["kind"] == "step"]
+    assert saved[-1]["step"] >= max(steps), "the stop's checkpoint is older than the last step reported"
+    return saved[-1]
+
+
 @pytest.fixture
 def local_kernel(tmp_path, monkeypatch, tfos_kernel):
     """A real `tfos` kernel (jupyter_client) on its own local[2] Spark session and job store.

@@ -5,7 +5,7 @@ with no TF process or Spark job left."""
 import time
 
 import pytest
-from conftest import kernel_run, tf_processes, tf_processes_gone
+from conftest import assert_stop_checkpoint, kernel_run, tf_processes, tf_processes_gone
 
 from tfos_magic import get_job
 
@@ -44,7 +44,9 @@ def test_background_job_status_and_stop(local_kernel):
     reply, out = kernel_run(kc, "%tfos_stop bg", timeout=60)
     assert reply["status"] == "ok" and "stopped" in out, out
     assert time.time() - t0 < 15, "control returns within 15 s"
-    assert get_job("bg", str(home)).state == "stopped"
+    job = get_job("bg", str(home))
+    assert job.state == "stopped"
+    assert_stop_checkpoint(job)
     assert tf_processes_gone("tfos-bg-", timeout=30), "TF processes outlived the stop"
     reply, out = kernel_run(kc, "assert spark.sparkContext.statusTracker().getActiveJobsIds() == []")
     assert reply["status"] == "ok", out

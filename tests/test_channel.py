@@ -91,3 +91,25 @@ time.sleep(60)
     with pytest.raises(WorkerFailed) as failed:
         _result(config, 75)
     assert failed.value.reported and not failed.value.retryable
+
+
+def test_control_lines_reach_listeners_only():
+    """A stop reaches the TF processes (listeners); a requesting client's answers stay clean."""
+    channel = DriverChannel(bind_host="127.0.0.1")
+    token = channel.register("job1", lambda e: None, lambda msg: {"ok": True, "echo": msg["op"]})
+    heard = []
+    listener = ChannelClient(f"127.0.0.1:{channel.port}", "job1", token, on_control=heard.append)
+    asker = ChannelClient(f"127.0.0.1:{channel.port}", "job1", token)
+    assert listener.connected and asker.connected
+    assert _wait_for(lambda: channel.control("job1", {"control": "stop"}) == 1)
+    assert _wait_for(lambda: heard == [{"control": "stop"}])
+    assert asker.request({"op": "ping"}) == {"ok": True, "echo": "ping"}
+    try:
+        listener.request({"op": "ping"})
+        raise AssertionError("a listening client must refuse requests")
+    except RuntimeError:
+        pass
+    assert channel.control("other-job", {"control": "stop"}) == 0
+    listener.close()
+    asker.close()
+    channel.close()

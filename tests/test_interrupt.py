@@ -1,9 +1,10 @@
-"""A kernel interrupt during training cancels the Spark job and leaves no TF process behind."""
+"""A kernel interrupt during training checkpoints, cancels the Spark job and leaves no TF
+process behind."""
 
 import time
 
 import pytest
-from conftest import tf_processes, tf_processes_gone
+from conftest import assert_stop_checkpoint, tf_processes, tf_processes_gone
 
 from tfos_magic import get_job
 
@@ -49,7 +50,10 @@ def test_interrupt_stops_the_job_and_its_processes(local_kernel):
     km.interrupt_kernel()
     reply = _reply(kc, train, timeout=120)
     assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
-    assert get_job("long", str(home)).state == "stopped"
+    assert time.time() - t0 < 15, "control returns within 15 s"
+    job = get_job("long", str(home))
+    assert job.state == "stopped"
+    assert_stop_checkpoint(job)
     assert tf_processes_gone("tfos-long-", timeout=60 - (time.time() - t0)), \
         "TF worker processes outlived the interrupt"
     reply = _execute(kc, "assert spark.sparkContext.statusTracker().getActiveJobsIds() == []")

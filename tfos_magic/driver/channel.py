@@ -1,6 +1,7 @@
 """The notebook's end of the channel (protocol/channel.py): a threaded TCP server that
 authenticates each connection by job and per-attempt token, hands events to the job's
-sink and answers its requests (the embedded registry's).
+sink, answers its requests (the embedded registry's) and sends control lines to the
+connections that listen (the TF processes: how a stop reaches them).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class _Handler(socketserver.StreamRequestHandler):
         self._reply({"ok": True})
         self.connection.settimeout(None)
         job = str(hello["job"])
-        self.server.owner.attach(job, self.connection)
+        self.server.owner.attach(job, self.connection, listen=bool(hello.get("listen")))
         try:
             self._serve(sink, requests)
         finally:
@@ -89,6 +90,7 @@ class DriverChannel:
     def __init__(self, bind_host: str = "0.0.0.0") -> None:
         self._jobs: dict[str, tuple[str, Sink, Handler | None]] = {}
         self._conns: dict[str, set[socket.socket]] = {}
+        self._listeners: dict[str, set[socket.socket]] = {}
         self._server = _Server(self, bind_host)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="tfos-channel", daemon=True)
@@ -117,17 +119,35 @@ class DriverChannel:
         self._jobs.pop(job, None)
         self._close_connections(job)
 
-    def attach(self, job: str, conn: socket.socket) -> None:
+    def attach(self, job: str, conn: socket.socket, listen: bool = False) -> None:
         with self._lock:
             self._conns.setdefault(job, set()).add(conn)
+            if listen:
+                self._listeners.setdefault(job, set()).add(conn)
 
     def detach(self, job: str, conn: socket.socket) -> None:
         with self._lock:
             self._conns.get(job, set()).discard(conn)
+            self._listeners.get(job, set()).discard(conn)
+
+    def control(self, job: str, message: dict[str, Any]) -> int:
+        """Send a control line to the job's listening connections; returns how many got it.
+        Listeners make no requests, so this never interleaves with an answer."""
+        with self._lock:
+            conns = list(self._listeners.get(job, ()))
+        sent = 0
+        for conn in conns:
+            try:
+                conn.sendall(encode(message))
+                sent += 1
+            except OSError:
+                pass  # a connection that is gone: its process is ending anyway
+        return sent
 
     def _close_connections(self, job: str) -> None:
         with self._lock:
             conns = self._conns.pop(job, set())
+            self._listeners.pop(job, None)
         for conn in conns:
             try:
                 conn.shutdown(socket.SHUT_RDWR)

@@ -7,13 +7,15 @@ groups, which kills the tasks and with them their TF processes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from pyspark.sql import DataFrame
 
@@ -27,7 +29,7 @@ from .columns import prepare
 from .observers import JobObserver
 from .registry import EmbeddedRegistry, ZooKeeperView
 from .slots import check_slots
-from .supervisor import AttemptFailed, JobStopped, RunMonitor, SparkJob, run_attempt
+from .supervisor import AttemptFailed, JobStopped, RunMonitor, SparkJob, StopControl, run_attempt
 
 log = logging.getLogger(__name__)
 
@@ -194,24 +196,25 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
 
     observers.on_start(dict(state, job=name))
     try:
-        for attempt in range(1, opts.max_restarts + 2):
-            monitor.new_attempt(attempt)
-            # A fresh token per attempt: registering it closes the previous attempt's channel,
-            # which makes any of its TF processes still alive exit at once.
-            token = channel.register(name, monitor.sink_for(attempt), requests)
-            group = f"tfos-{name}-run{run}-a{attempt}"
-            store.write_state(name, attempt=attempt, job_group=group)
-            observers.on_event({"kind": "attempt", "attempt": attempt, "job_group": group})
-            try:
-                _attempt(sc, frame, plan.for_attempt(attempt, token), profile, monitor, expected, group, observers,
-                         stop)
-                break
-            except AttemptFailed as exc:
-                if not exc.retryable or attempt > opts.max_restarts:
-                    store.write_state(name, error_file=exc.details_file)
-                    raise JobFailed(f"Job {name!r} failed: {exc}"
-                                    + (f" (after {attempt - 1} restart(s))" if attempt > 1 else "")) from None
-                observers.on_attempt_failed(attempt, str(exc))
+        with _interrupt_raises_only():
+            for attempt in range(1, opts.max_restarts + 2):
+                monitor.new_attempt(attempt)
+                # A fresh token per attempt: registering it closes the previous attempt's channel,
+                # which makes any of its TF processes still alive exit at once.
+                token = channel.register(name, _forwarding_stop(channel, name, monitor.sink_for(attempt)), requests)
+                group = f"tfos-{name}-run{run}-a{attempt}"
+                store.write_state(name, attempt=attempt, job_group=group)
+                observers.on_event({"kind": "attempt", "attempt": attempt, "job_group": group})
+                try:
+                    _attempt(sc, frame, plan.for_attempt(attempt, token), profile, monitor, expected, group, observers,
+                             StopControl(stop, lambda: channel.control(name, {"control": "stop"})))
+                    break
+                except AttemptFailed as exc:
+                    if not exc.retryable or attempt > opts.max_restarts:
+                        store.write_state(name, error_file=exc.details_file)
+                        raise JobFailed(f"Job {name!r} failed: {exc}"
+                                        + (f" (after {attempt - 1} restart(s))" if attempt > 1 else "")) from None
+                    observers.on_attempt_failed(attempt, str(exc))
     except KeyboardInterrupt:
         observers.on_end(store.write_state(name, state="stopped", ended=time.time(), error="interrupted by the user"))
         raise
@@ -232,8 +235,36 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
     return final
 
 
+@contextlib.contextmanager
+def _interrupt_raises_only() -> Iterator[None]:
+    """PySpark's SIGINT handler cancels every Spark job of the session at once, so the
+    workers could not checkpoint first. While a job runs on the main thread, an interrupt
+    only raises KeyboardInterrupt; the supervisor then stops this job's tasks itself."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _forwarding_stop(channel: DriverChannel, name: str, sink: Callable[[dict[str, Any]], None]):
+    """The job's event sink, which also passes the chief's stop step on to every TF process
+    at once, from the channel's thread (tfprocess/stopping.py)."""
+
+    def forward(event: dict[str, Any]) -> None:
+        sink(event)
+        if event.get("kind") == "stopping" and event.get("step") is not None:
+            channel.control(name, {"control": "stop_at", "step": int(event["step"])})
+
+    return forward
+
+
 def _attempt(sc, frame: DataFrame, plan: TaskPlan, profile, monitor: RunMonitor,
-             expected: list[tuple[str, int]], group: str, observers: JobObserver, stop) -> None:
+             expected: list[tuple[str, int]], group: str, observers: JobObserver, stop: StopControl) -> None:
     ps = None
     opts = plan.options
     if opts.strategy == "ps":

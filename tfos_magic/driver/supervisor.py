@@ -25,6 +25,8 @@ from .observers import JobObserver
 POLL_S = 0.2
 ERROR_GRACE_S = 2.0
 CANCEL_WAIT_S = 60.0
+# How long a stop waits for the workers' checkpoint before cancelling them anyway.
+STOP_SAVE_S = 10.0
 # Complaints of a worker whose peer died: symptoms, never the cause.
 _SECONDARY = re.compile(r"Collective ops is aborted|UnavailableError|CancelledError|unhealthy|Socket closed")
 
@@ -52,6 +54,8 @@ class RunMonitor:
     attempt: int = 1
     started: set[tuple[str, int]] = field(default_factory=set)
     errors: list[TaskError] = field(default_factory=list)
+    training: bool = False  # the chief got past its set-up (a `training` event)
+    stop_saved: str | None = None  # the checkpoint the workers wrote when asked to stop
     # Events of the current attempt not yet shown: filled by the channel's threads,
     # drained by the kernel's main thread (so output lands in the running cell).
     pending: collections.deque = field(default_factory=collections.deque)
@@ -60,6 +64,7 @@ class RunMonitor:
     def new_attempt(self, attempt: int) -> None:
         with self._lock:
             self.attempt, self.started, self.errors = attempt, set(), []
+            self.training, self.stop_saved = False, None
             self.pending.clear()
 
     def sink_for(self, attempt: int) -> Callable[[dict[str, Any]], None]:
@@ -81,6 +86,10 @@ class RunMonitor:
             self.pending.append(event)
             if event.get("kind") == "started":
                 self.started.add((role, int(event.get("worker", -1))))
+            elif event.get("kind") == "training" and role == "worker" and event.get("worker") == 0:
+                self.training = True
+            elif event.get("kind") == "checkpoint" and event.get("reason") == "stop":
+                self.stop_saved = str(event.get("path"))
             elif event.get("kind") == "error":
                 message = f"{role} {event.get('worker')}: {event.get('message')}"
                 retryable = bool(event.get("retryable")) or bool(_SECONDARY.search(message))
@@ -118,6 +127,15 @@ class JobStopped(Exception):
     """The user asked the job to stop (%tfos_stop, a stop request file)."""
 
 
+@dataclass(frozen=True)
+class StopControl:
+    """How the watch loop learns of a stop request, and tells the TF processes (it returns
+    how many got the word)."""
+
+    requested: Callable[[], bool] = lambda: False
+    tell_tasks: Callable[[], int] = lambda: 0
+
+
 class AttemptFailed(TfosError):
     def __init__(self, message: str, retryable: bool, details_file: str | None = None) -> None:
         super().__init__(message)
@@ -143,19 +161,30 @@ class SparkJob:
     def __init__(self, sc, group: str, description: str, action: Callable[[], Any]) -> None:
         self.sc, self.group, self.error, self.result = sc, group, None, None
 
+        # Its own flag, not Thread.is_alive(): a KeyboardInterrupt that lands in
+        # Thread.join() can leave is_alive() False for a thread that still runs (CPython
+        # before 3.13), and the interrupt must not look like the end of the job.
+        self._done = threading.Event()
+
         def body() -> None:
             sc.setJobGroup(group, description, interruptOnCancel=True)
             try:
                 self.result = action()
             except BaseException as exc:  # noqa: BLE001 - handed to the watching thread
                 self.error = exc
+            finally:
+                self._done.set()
 
         self.thread = InheritableThread(target=body, name=group, daemon=True)
         self.thread.start()
 
     @property
     def running(self) -> bool:
-        return self.thread.is_alive()
+        return not self._done.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the action to end; whether it has."""
+        return self._done.wait(timeout)
 
     def stage_active(self) -> bool:
         """Whether the job's last stage (the TF tasks; earlier ones are the user's ETL) runs."""
@@ -169,23 +198,45 @@ class SparkJob:
 
     def cancel(self) -> None:
         self.sc.cancelJobGroup(self.group)
-        self.thread.join(CANCEL_WAIT_S)
+        self.wait(CANCEL_WAIT_S)
 
 
 def run_attempt(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
                 expected: list[tuple[str, int]], start_timeout: float, observers: JobObserver,
-                stop: Callable[[], bool] = lambda: False) -> None:
-    """Watch one attempt; return when the workers succeed, raise AttemptFailed otherwise.
+                stop: StopControl = StopControl()) -> None:
+    """Watch one attempt; return when the workers succeed, raise AttemptFailed otherwise,
+    JobStopped on a stop request and KeyboardInterrupt on an interrupt.
 
     Whatever happens, both Spark jobs are over when this returns or raises.
     """
     try:
-        _watch(workers, ps, monitor, expected, start_timeout, observers, stop)
+        try:
+            _watch(workers, ps, monitor, expected, start_timeout, observers, stop.requested)
+        except (JobStopped, KeyboardInterrupt):
+            _checkpoint_before_stop(workers, monitor, observers, stop)
+            raise
     finally:
         for job in (workers, ps):
             if job is not None and job.running:
                 job.cancel()
         monitor.drain(observers)
+
+
+def _checkpoint_before_stop(workers: SparkJob, monitor: RunMonitor, observers: JobObserver,
+                            stop: StopControl) -> None:
+    """Ask the TF processes to stop, and give them up to STOP_SAVE_S to agree on a step
+    and checkpoint it (tfprocess/stopping.py). Before training began there is nothing to
+    save. A second interrupt while waiting ends the wait."""
+    if not monitor.training or not workers.running or stop.tell_tasks() == 0:
+        return
+    observers.on_log(f"tfos: stopping; waiting up to {STOP_SAVE_S:.0f}s for the workers' checkpoint")
+    deadline = time.monotonic() + STOP_SAVE_S
+    while time.monotonic() < deadline and workers.running and monitor.stop_saved is None:
+        workers.wait(POLL_S)
+        monitor.drain(observers)
+    monitor.drain(observers)
+    if monitor.stop_saved is None:
+        observers.on_log(f"tfos: no checkpoint within {STOP_SAVE_S:.0f}s; the job resumes from the last one")
 
 
 def stage_progress(sc, group: str) -> tuple[int, int] | None:
@@ -209,7 +260,7 @@ def _watch(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
     first_error: float | None = None
     progress: tuple[int, int] | None = None
     while True:
-        workers.thread.join(POLL_S)
+        workers.wait(POLL_S)
         monitor.drain(observers)
         observers.on_poll()
         if stop():

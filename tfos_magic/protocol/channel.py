@@ -4,7 +4,9 @@ Protocol (JSON lines over TCP): the client's first line is
 ``{"v": 1, "job": NAME, "token": SECRET}``; the server answers ``{"ok": true}`` or
 ``{"ok": false, "error": ...}`` and closes. After a good hello every line is one
 metric event, or a request (a line with "op", e.g. the embedded service registry's)
-that gets one answer line. Each attempt gets a fresh random token, so a stray or
+that gets one answer line. A client that says ``"listen": true`` in its hello makes no
+requests; the server may send it control lines instead (``{"control": "stop"}``,
+``{"control": "stop_at", "step": N}``: how a stop reaches the TF processes). Each attempt gets a fresh random token, so a stray or
 stale process cannot write into a job. The server is `driver/channel.py`; the
 clients are the Spark tasks and the TF processes.
 """
@@ -21,9 +23,9 @@ from typing import Any, Callable
 PROTOCOL_VERSION = 1
 
 
-def hello(job: str, token: str) -> dict[str, Any]:
+def hello(job: str, token: str, listen: bool = False) -> dict[str, Any]:
     """The client's first line."""
-    return {"v": PROTOCOL_VERSION, "job": job, "token": token}
+    return {"v": PROTOCOL_VERSION, "job": job, "token": token, "listen": listen}
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -39,39 +41,51 @@ class ChannelClient:
     """
 
     def __init__(self, address: str, job: str, token: str, timeout: float = 10.0,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None,
+                 on_control: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
+        self._listening = False
         self.error: str | None = None
         host, port = address.rsplit(":", 1)
         try:
             sock = socket.create_connection((host, int(port)), timeout=timeout)
-            sock.sendall(encode(hello(job, token)))
+            listen = self._listening = on_close is not None or on_control is not None
+            sock.sendall(encode(hello(job, token, listen)))
             self._reader = sock.makefile("rb")
             reply = json.loads(self._reader.readline() or b"null")
             if not (isinstance(reply, dict) and reply.get("ok")):
                 raise ConnectionRefusedError(f"driver refused the metrics channel: {reply}")
             sock.settimeout(timeout)
             self._sock = sock
-            if on_close is not None:  # the notebook ended this run (or died): tell the owner
-                threading.Thread(target=self._watch_close, args=(on_close,), daemon=True).start()
+            if listen:  # control lines, and the notebook ending this run (or dying)
+                threading.Thread(target=self._listen, args=(on_close, on_control), daemon=True).start()
         except (OSError, ValueError) as exc:
             self.error = f"cannot open the metrics channel to the notebook at {address}: {exc}"
             print(f"tfos: {self.error}", file=sys.stderr)
 
-    def _watch_close(self, on_close: Callable[[], None]) -> None:
-        """Events flow one way, so anything read here means the server closed the connection."""
+    def _listen(self, on_close: Callable[[], None] | None,
+                on_control: Callable[[dict[str, Any]], None] | None) -> None:
+        """Read control lines until the server closes the connection. A listening client
+        makes no requests, so nothing else reads this socket."""
         sock = self._sock
         if sock is None:
             return
         dup = socket.socket(fileno=os.dup(sock.fileno()))
         dup.settimeout(None)
         try:
-            while dup.recv(4096):
-                pass
+            for line in dup.makefile("rb"):
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    continue
+                if on_control is not None and isinstance(message, dict) and "control" in message:
+                    on_control(message)
         except OSError:
             pass
-        if self._sock is not None:  # not closed by its owner
+        finally:
+            dup.close()
+        if on_close is not None and self._sock is not None:  # not closed by its owner
             on_close()
 
     @property
@@ -94,6 +108,8 @@ class ChannelClient:
         channel is down."""
         if self._sock is None:
             raise ConnectionError(self.error or "channel closed")
+        if self._listening:
+            raise RuntimeError("a listening channel gets control lines, not answers: open another for requests")
         with self._lock:
             self._sock.sendall(encode(msg))
             line = self._reader.readline()

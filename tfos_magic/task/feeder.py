@@ -53,6 +53,24 @@ def _die_with_parent() -> None:
         pass
 
 
+@contextlib.contextmanager
+def _deaf_to_interrupts() -> Iterator[None]:
+    """In local mode the Spark workers share the notebook kernel's process group, and
+    Jupyter interrupts a kernel by sending SIGINT to the whole group: that would kill this
+    task and its TF process before they could checkpoint. The notebook stops the job
+    itself (over the channel, then by cancelling it), so the task and its child, which
+    inherits the ignored signal, let SIGINT pass."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: no signal is delivered here anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _peek(batches: Iterator[pa.RecordBatch]) -> tuple[pa.RecordBatch | None, Iterator[pa.RecordBatch]]:
     for batch in batches:
         if batch.num_rows:
@@ -167,6 +185,8 @@ def _result(config: TaskConfig, code: int) -> pa.RecordBatch:
         # A process that died without a word (a crash, the OOM killer) may succeed on a restart.
         raise WorkerFailed(f"TF {role} {index} {exit_description(code)} before reporting a result",
                            retryable=True, details=f"Last lines of its log:\n{log_tail(config.log_path)}") from None
+    if result["status"] == "stopped":  # the notebook asked for it and is cancelling the job
+        raise WorkerFailed(f"TF {role} {index} {result['error']}", reported=True)
     if result["status"] != "ok":
         raise WorkerFailed(f"TF {role} {index} failed: {result['error']}", reported=True)
     return pa.RecordBatch.from_pydict({"worker": [index], "result": [json.dumps(result)]}, schema=RESULT_SCHEMA)
@@ -176,7 +196,7 @@ def make_task(plan: TaskPlan) -> Callable[[Iterator[pa.RecordBatch]], Iterator[p
     """The function for `mapInArrow(..., barrier=True)`."""
 
     def task(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        with _reporting(plan, "worker", lambda: _partition(barrier=True)):
+        with _deaf_to_interrupts(), _reporting(plan, "worker", lambda: _partition(barrier=True)):
             yield run_worker(plan, batches)
 
     return task
@@ -186,7 +206,7 @@ def make_ps_task(plan: TaskPlan) -> Callable[[int, Iterator[Any]], Iterator[str]
     """The function for `rdd.mapPartitionsWithIndex`: one PS task per partition."""
 
     def task(index: int, _rows: Iterator[Any]) -> Iterator[str]:
-        with _reporting(plan, "ps", lambda: index):
+        with _deaf_to_interrupts(), _reporting(plan, "ps", lambda: index):
             yield run_ps(plan, index).column("result")[0].as_py()
 
     return task

@@ -17,7 +17,7 @@ import tensorflow as tf
 from ..errors import TfosError
 from ..protocol.paths import CHECKPOINT_PREFIX, H5_MODEL_FILE, MODEL_FILE, join_uri
 
-Notify = Callable[[str, int, int], None]
+Notify = Callable[[str, int, int, str], None]  # path, step, epoch, reason
 
 
 def clear(directory: str) -> None:
@@ -68,12 +68,14 @@ class Checkpointer:
             self.checkpoint.restore(latest).expect_partial()
         return latest
 
-    def save(self, step: int, epoch: int | None = None) -> str:
+    def save(self, step: int, epoch: int | None = None, reason: str = "schedule") -> str:
+        """Every worker calls this at the same step (MWMS saves run collectives). `reason` is
+        "schedule" (--checkpoint-every-steps), "epoch" or "stop"."""
         if epoch is not None:
             self.epoch.assign(epoch)
         path = self.manager.save(checkpoint_number=step)
         if self.is_chief and self._notify is not None:
-            self._notify(path, int(step), int(self.epoch.numpy()))
+            self._notify(path, int(step), int(self.epoch.numpy()), reason)
         return path
 
     def close(self) -> None:

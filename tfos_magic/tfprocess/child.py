@@ -22,6 +22,7 @@ from ..protocol.logs import log_tail
 from ..protocol.net import free_port
 from ..protocol.plan import TaskConfig
 from .failures import failure
+from .stopping import StopRequested, StopSignal
 
 
 class _PrintsToNotebook(io.TextIOBase):
@@ -73,7 +74,10 @@ def _fenced(result_path: str) -> None:
 
 def run(config: TaskConfig) -> dict[str, Any]:
     plan, role, index = config.plan, config.role, config.index
-    channel = ChannelClient(plan.channel_address, plan.job, plan.token, on_close=lambda: _fenced(config.result_path))
+    stop = StopSignal(is_chief=role == "worker" and index == 0, lockstep=plan.options.strategy != "ps",
+                      announce=lambda step: channel.send(make_event("stopping", index, role=role, step=step)))
+    channel = ChannelClient(plan.channel_address, plan.job, plan.token, on_close=lambda: _fenced(config.result_path),
+                            on_control=stop.on_control)
     if not channel.connected:
         return {"status": "error", "error": f"TF {role} {index} {channel.error}. The executors must reach the "
                 "notebook's host: set TFOS_DRIVER_HOST (or spark.driver.host) to an address they can reach."}
@@ -83,7 +87,9 @@ def run(config: TaskConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"status": "ok"}
     cleanup: list[Any] = []
     try:
-        _train(config, channel, namespace, cleanup, result)
+        _train(config, channel, namespace, cleanup, result, stop)
+    except StopRequested as exc:
+        result = {"status": "stopped", "error": str(exc)}
     except BaseException as exc:  # noqa: BLE001 - everything must reach the driver
         import traceback
 
@@ -118,7 +124,7 @@ def _join_cluster(config: TaskConfig, cleanup: list[Any]) -> dict[str, list[str]
 
 
 def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup: list[Any],
-           result: dict[str, Any]) -> None:
+           result: dict[str, Any], stop: StopSignal) -> None:
     from ..protocol import cells
     from .arrow_feed import ArrowFeed
 
@@ -143,7 +149,7 @@ def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup:
     feed = ArrowFeed(sys.stdin.buffer, plan.feed, config.workdir)
     ctx = (ps_train.PSContext if ps_mode else TrainContext)(
         job=plan.job, strategy=strategy, feed=feed, worker_index=config.index, num_workers=config.num_workers,
-        checkpoint_dir=plan.checkpoint_dir, options=opts, channel=channel, log_dir=plan.log_dir)
+        checkpoint_dir=plan.checkpoint_dir, options=opts, channel=channel, log_dir=plan.log_dir, stop=stop)
     cleanup.append(ctx)
     from .gpu_sampler import GpuSampler, default_source
 

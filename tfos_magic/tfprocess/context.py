@@ -11,6 +11,7 @@ from ..protocol.options import TrainOptions
 from ..protocol.paths import join_uri
 from .arrow_feed import ArrowFeed
 from .checkpoints import Checkpointer
+from .stopping import StopRequested, StopSignal
 
 
 class TrainContext:
@@ -18,7 +19,7 @@ class TrainContext:
 
     def __init__(self, *, job: str, strategy: Any, feed: ArrowFeed, worker_index: int,
                  num_workers: int, checkpoint_dir: str, options: TrainOptions,
-                 channel: ChannelClient, log_dir: str = "") -> None:
+                 channel: ChannelClient, log_dir: str = "", stop: StopSignal | None = None) -> None:
         self.job = job
         self.strategy = strategy
         self.feed = feed
@@ -30,6 +31,7 @@ class TrainContext:
         self.epochs: int = options.epochs
         self.batch_size: int = options.batch_size
         self._channel = channel
+        self._stop = stop or StopSignal(worker_index == 0, lambda step: None)
         self._checkpointers: list[Checkpointer] = []
 
     @property
@@ -61,8 +63,20 @@ class TrainContext:
         self._checkpointers.append(ckpt)
         return ckpt
 
-    def _checkpoint_saved(self, path: str, step: int, epoch: int) -> None:
-        self.send("checkpoint", path=path, step=step, epoch=epoch)
+    def _checkpoint_saved(self, path: str, step: int, epoch: int, reason: str) -> None:
+        self.send("checkpoint", path=path, step=step, epoch=epoch, reason=reason)
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to stop now, after global step `step`: the notebook asked this job to
+        stop, and every worker returns True at the same step. Call it after each step of a
+        custom loop; when it is True, save a checkpoint (every worker, as for any save) and
+        return, or call `stop_here(ckpt, step)`, which does both."""
+        return self._stop.should_stop(int(step))
+
+    def stop_here(self, ckpt: Checkpointer, step: int) -> None:
+        """Save the stop's checkpoint and end training (raises StopRequested)."""
+        ckpt.save(int(step), reason="stop")
+        raise StopRequested(f"stopped at step {int(step)} on request")
 
     def report(self, step: int | None = None, epoch: int | None = None, **metrics: Any) -> None:
         """Send metrics to the notebook: with `epoch` they form one row of Job.history."""

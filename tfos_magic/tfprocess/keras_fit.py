@@ -43,6 +43,8 @@ class TfosCallback(tf.keras.callbacks.Callback):
         if not self.model.trainable_weights:
             raise TfosError(NO_WEIGHTS)
         step = self._step()
+        if self.ctx.should_stop(step):
+            self.ctx.stop_here(self.ckpt, step)
         if self.every_steps and step % self.every_steps == 0:
             self.ckpt.save(step)
         if self.throttle():
@@ -56,7 +58,7 @@ class TfosCallback(tf.keras.callbacks.Callback):
         metrics = dict(logs or {})
         metrics["rows_per_s"] = (self.ctx.feed.rows_delivered - self._rows0) / elapsed
         self.ctx.report(step=step, epoch=epoch + 1, **metrics)
-        self.ckpt.save(step, epoch=epoch + 1)
+        self.ckpt.save(step, epoch=epoch + 1, reason="epoch")
 
 
 def tensorboard_installed() -> bool:

@@ -23,6 +23,7 @@ from ..protocol.paths import CHECKPOINT_PREFIX
 from ..protocol.paths import H5_MODEL_FILE as MODEL_FILE
 from . import model_inputs
 from .context import Throttle, TrainContext
+from .stopping import StopRequested
 from .keras_fit import NO_WEIGHTS, tensorboard_installed
 
 SESSION_WAIT_S = 120.0
@@ -84,13 +85,20 @@ class PSContext(TrainContext):
                                            saver=self._saver, checkpoint_dir=self.checkpoint_dir, config=config)
         return manager.wait_for_session(target, config=config, max_wait_secs=SESSION_WAIT_S)
 
-    def save(self, sess: Any, step: int | None = None, epoch: int | None = None) -> str | None:
+    def save(self, sess: Any, step: int | None = None, epoch: int | None = None,
+             reason: str = "schedule") -> str | None:
         if not self.is_chief:
             return None
         step = int(sess.run(self.global_step)) if step is None else step
         path = self._saver.save(sess, self.checkpoint_path(CHECKPOINT_PREFIX), global_step=step)
-        self.send("checkpoint", path=path, step=step, epoch=epoch)
+        self.send("checkpoint", path=path, step=step, epoch=epoch, reason=reason)
         return path
+
+    def stop_here(self, sess: Any, step: int, epoch: int | None = None) -> None:  # type: ignore[override]
+        """The chief saves the stop's checkpoint (the others need not: their variables
+        live on the parameter servers); every worker then ends (raises StopRequested)."""
+        self.save(sess, int(step), epoch=epoch, reason="stop")
+        raise StopRequested(f"stopped at step {int(step)} on request")
 
     def checkpoint(self, **objects: Any):
         raise TfosError("In --strategy ps, checkpoint with ctx.save(sess): ctx.session() restores the latest "
@@ -153,6 +161,8 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
             except tf.errors.OutOfRangeError:
                 break
             total, steps = total + float(value), steps + 1
+            if ctx.should_stop(int(step)):
+                ctx.stop_here(sess, int(step), epoch=epoch)
             if throttle():
                 ctx.report(step=int(step), loss=total / steps,
                            rows_per_s=(ctx.feed.rows_delivered - rows0) / (time.monotonic() - t0))
@@ -168,7 +178,7 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
         _scalars(board, int(step), **{f"epoch_{k}": v for k, v in metrics.items()})
         if ctx.is_chief:
             sess.run(next_epoch, feed_dict={finished_epochs: epoch + 1})
-            ctx.save(sess, int(step), epoch=epoch + 1)
+            ctx.save(sess, int(step), epoch=epoch + 1, reason="epoch")
             last_saved = step
     if board is not None:
         board.close()

@@ -171,6 +171,9 @@ class DashboardModel:
         self.checkpoints.insert(0, Checkpoint(int(e.get("step") or 0), e.get("epoch"), float(e.get("time", 0)),
                                               str(e.get("path")), e.get("size")))
 
+    def _on_stopping(self, e: dict[str, Any]) -> None:
+        self.phase = f"stopping: the workers checkpoint at step {e.get('step')}, then end"
+
     def _on_model(self, e: dict[str, Any]) -> None:
         self.model_path = e.get("path")
 
