@@ -137,8 +137,8 @@ def zookeeper(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def spark_standalone(tmp_path_factory):
-    """A real Spark standalone cluster on 127.0.0.1: a master and 2 workers with 2 cores each,
-    started through pyspark's own spark-class. Yields the master URL."""
+    """A real Spark standalone cluster on 127.0.0.1: a master and 2 workers with 2 cores and
+    2 (fake) GPUs each, started through pyspark's own spark-class. Yields the master URL."""
     import signal
     import subprocess
     import urllib.request
@@ -162,6 +162,13 @@ def spark_standalone(tmp_path_factory):
     start(["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
            "--webui-port", str(ui)], "master")
     for i in range(2):
+        # Fake GPUs, as Spark's own GPU tests do: a discovery script that names addresses
+        # 2i and 2i+1, so every address in the cluster is distinct.
+        script = root / f"gpus{i}.sh"
+        script.write_text(f'#!/bin/sh\necho \'{{"name": "gpu", "addresses": ["{2 * i}", "{2 * i + 1}"]}}\'\n')
+        script.chmod(0o755)
+        env["SPARK_WORKER_OPTS"] = (f"-Dspark.worker.resource.gpu.amount=2 "
+                                    f"-Dspark.worker.resource.gpu.discoveryScript={script}")
         start(["org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "2", "--memory", "4g",
                "--webui-port", str(free_port()), url], f"worker{i}")
     deadline = time.time() + 120

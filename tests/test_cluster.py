@@ -2,7 +2,8 @@
 127.0.0.1), driven from a real kernel the way a notebook would be:
 
 - a PS job (1 PS + 2 workers) trains to a loss below 20% of its first epoch;
-- the all-reduce job of the core issue;
+- the all-reduce job of the core issue, with a GPU per worker from fake GPU addresses
+  (a discovery script): each TF process gets CUDA_VISIBLE_DEVICES = its task's GPU;
 - a worker's TF process killed mid-training: the job restarts from the latest
   checkpoint, loses at most one checkpoint interval of steps, and ends with no PS
   task left running.
@@ -51,6 +52,7 @@ def cluster_kernel(spark_standalone, tfos_kernel, tmp_path_factory):
     kernel = Kernel(tfos_kernel, env)
     reply, out = kernel.run("from pyspark.sql import SparkSession\n"
                             "spark = SparkSession.builder.master(%r).config('spark.executor.memory', '1g')"
+                            ".config('spark.executor.resource.gpu.amount', '2')"
                             ".config('spark.pyspark.python', __import__('sys').executable)"
                             ".config('spark.ui.showConsoleProgress', 'false').getOrCreate()\n"
                             "print(spark.sparkContext.master)" % spark_standalone)
@@ -83,10 +85,14 @@ def test_allreduce_job_on_a_standalone_cluster(cluster_kernel):
     kernel, home = cluster_kernel
     reply, out = kernel.run(ETL.format(name="ar_sa", rows=100000))
     assert reply["status"] == "ok", out
-    reply, out = kernel.run("%%tf_train ar_sa --workers 2 --epochs 3 --batch-size 256 --label y --restart\n" + MODEL)
+    reply, out = kernel.run("%%tf_train ar_sa --workers 2 --epochs 3 --batch-size 256 --label y --restart "
+                            "--gpus-per-worker 1\n" + MODEL)
     assert reply["status"] == "ok", out
     job = get_job("ar_sa", home)
     assert job.state == "succeeded" and _loss_drop(job) < 0.2, job.history
+    # Each TF process saw exactly the one GPU Spark assigned to its task (fake addresses 0-3).
+    gpus = [e.get("gpus") for e in job.events if e["kind"] == "started"]
+    assert len(gpus) == 2 and all(g in {"0", "1", "2", "3"} for g in gpus) and gpus[0] != gpus[1], gpus
 
 
 def test_killed_worker_restarts_from_the_latest_checkpoint(cluster_kernel):

@@ -174,3 +174,14 @@ def test_fit_with_validation_over_the_spill_does_not_crash(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
     assert proc.stdout.count("ok ") == 8, proc.stdout
+
+
+def test_gpu_env_is_the_tasks_assignment():
+    """CUDA_VISIBLE_DEVICES for the TF process (the standalone test runs it for real)."""
+    from pyspark.resource import ResourceInformation
+
+    from tfos_magic.task.feeder import gpu_env
+
+    assert gpu_env({"gpu": ResourceInformation("gpu", ["3", "1"])}) == {"CUDA_VISIBLE_DEVICES": "3,1"}
+    assert gpu_env({}) == {}, "no assignment: the environment is left alone"
+    assert gpu_env({"gpu": ResourceInformation("gpu", [])}) == {}

@@ -120,7 +120,7 @@ def run_worker(plan: TaskPlan, batches: Iterator[pa.RecordBatch]) -> pa.RecordBa
     first, rest = _peek(batches)
     host = _host(plan, task, index)
     addrs, lengths = _agree_cluster(task, host, first, plan.feed)
-    env = {}
+    env = gpu_env(task.resources())
     if plan.strategy == "allreduce":
         env["TF_CONFIG"] = json.dumps({"cluster": {"worker": addrs}, "task": {"type": "worker", "index": index}})
     return _run_child(plan.with_array_lengths(lengths), "worker", index, len(addrs), host, env, first, rest)
@@ -128,8 +128,22 @@ def run_worker(plan: TaskPlan, batches: Iterator[pa.RecordBatch]) -> pa.RecordBa
 
 def run_ps(plan: TaskPlan, index: int) -> pa.RecordBatch:
     """A parameter-server task: its TF process serves variables until the driver ends the job."""
+    from pyspark import TaskContext
+
     host = plan.host or os.environ.get("SPARK_LOCAL_IP") or socket.gethostbyname(socket.gethostname())
-    return _run_child(plan, "ps", index, plan.options.workers, host, {}, None, iter(()))
+    task = TaskContext.get()
+    env = gpu_env(task.resources()) if task is not None else {}
+    return _run_child(plan, "ps", index, plan.options.workers, host, env, None, iter(()))
+
+
+def gpu_env(resources: dict[str, Any]) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES for the TF process: exactly the GPUs Spark assigned to this task
+    (--gpus-per-worker, or the cluster's spark.task.resource.gpu.amount), so that tasks
+    sharing a host do not train on one another's GPUs, and the sampler watches those.
+    Without an assignment (local mode, no GPU scheduling) the environment is left alone."""
+    gpu = resources.get("gpu")
+    addresses = list(getattr(gpu, "addresses", None) or [])
+    return {"CUDA_VISIBLE_DEVICES": ",".join(addresses)} if addresses else {}
 
 
 def _host(plan: TaskPlan, task: Any, index: int) -> str:

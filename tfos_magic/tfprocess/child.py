@@ -81,7 +81,9 @@ def run(config: TaskConfig) -> dict[str, Any]:
     if not channel.connected:
         return {"status": "error", "error": f"TF {role} {index} {channel.error}. The executors must reach the "
                 "notebook's host: set TFOS_DRIVER_HOST (or spark.driver.host) to an address they can reach."}
-    channel.send(make_event("started", index, role=role, pid=os.getpid()))
+    # The GPUs Spark gave this task (task/feeder.py), for the dashboard; None: not assigned.
+    channel.send(make_event("started", index, role=role, pid=os.getpid(),
+                            gpus=os.environ.get("CUDA_VISIBLE_DEVICES")))
     sys.stdout = _PrintsToNotebook(sys.stdout, channel, index, role)
     namespace: dict[str, Any] = {"__name__": "__tfos_train__"}
     result: dict[str, Any] = {"status": "ok"}
