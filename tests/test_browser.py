@@ -1,7 +1,9 @@
 """The dashboard in a real browser: JupyterLab 4 served here, Debian's Chromium driven by
 Playwright (no browser download), a 2-worker job with validation data. Checks the live
 widget mid-run and the static summary after the end, and screenshots both (into
-TFOS_SCREENSHOTS, e.g. docs/, when set; else into the test's temp dir)."""
+TFOS_SCREENSHOTS, e.g. docs/, when set; else into the test's temp dir). Then the same
+server's Notebook 7 page shows the widget again, rebuilt from the stored job: the widget
+needs no lab extension of its own."""
 
 import json
 import os
@@ -30,11 +32,16 @@ CELLS = [
 ]
 
 
-def _notebook(path: Path) -> None:
+# The stored job's dashboard as a live widget (not its end summary, which is plain HTML).
+REPLAY = ("from tfos_magic.job import JobStore\nfrom tfos_magic.ui.views import replay\n"
+          "view = replay(JobStore(), 'demo', get_ipython())")
+
+
+def _notebook(path: Path, cells: list[str]) -> None:
     nb = {"nbformat": 4, "nbformat_minor": 5,
           "metadata": {"kernelspec": {"name": "tfos", "display_name": "Python 3 (tfos-magic)", "language": "python"}},
           "cells": [{"cell_type": "code", "id": f"c{i}", "metadata": {}, "source": src, "outputs": [],
-                     "execution_count": None} for i, src in enumerate(CELLS)]}
+                     "execution_count": None} for i, src in enumerate(cells)]}
     path.write_text(json.dumps(nb))
 
 
@@ -43,7 +50,8 @@ def lab(tmp_path, tfos_kernel):
     port, token = free_port(), secrets.token_hex(16)
     root = tmp_path / "root"
     root.mkdir()
-    _notebook(root / "demo.ipynb")
+    _notebook(root / "demo.ipynb", CELLS)
+    _notebook(root / "replay.ipynb", [REPLAY])
     env = dict(os.environ, TFOS_HOME=str(tmp_path / "home"), TFOS_SPARK_MASTER="local[2]")
     log = open(tmp_path / "lab.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}",
@@ -77,6 +85,19 @@ def _dismiss_news(page) -> None:
         page.locator(".Toastify__toast").get_by_role("button", name="No", exact=True).click(timeout=10_000)
     except PlaywrightTimeout:
         pass
+
+
+def _widget_in_notebook7(page, url: str, token: str, shots: Path) -> None:
+    """Notebook 7 (the classic-looking front end on the same server) draws the widget too."""
+    page.goto(f"{url}/notebooks/replay.ipynb?token={token}", timeout=60_000)
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+    page.wait_for_selector(".tfos-dash .uplot canvas", timeout=120_000)
+    stats = page.locator(".tfos-dash .tfos-stats").text_content()
+    assert "step" in stats, stats
+    page.locator(".tfos-dash").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "dashboard-notebook7.png"))
 
 
 @pytest.mark.slow
@@ -114,6 +135,7 @@ def test_dashboard_live_then_summary_in_jupyterlab(lab, tmp_path):
             assert "succeeded" in summary and "val_loss" in summary, summary
             page.locator(".tfos-summary").scroll_into_view_if_needed()
             page.screenshot(path=str(shots / "dashboard-summary.png"))
+            _widget_in_notebook7(browser.new_page(viewport={"width": 1280, "height": 900}), url, token, shots)
         except Exception:
             page.screenshot(path=str(tmp_path / "failure.png"))
             print("screenshot of the failure:", tmp_path / "failure.png")
@@ -122,4 +144,5 @@ def test_dashboard_live_then_summary_in_jupyterlab(lab, tmp_path):
             browser.close()
     assert (shots / "dashboard-live.png").stat().st_size > 10_000
     assert (shots / "dashboard-summary.png").stat().st_size > 10_000
+    assert (shots / "dashboard-notebook7.png").stat().st_size > 10_000
 

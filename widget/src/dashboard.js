@@ -31,6 +31,12 @@ const CSS = `
 
 const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"];
 
+function tickLabel(v) {
+  if (v == null) return "";
+  const a = Math.abs(v);
+  return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(0) : String(+v.toPrecision(3));
+}
+
 function fmtTime(s) {
   if (s === null || s === undefined || !isFinite(s)) return "–";
   s = Math.round(s);
@@ -104,7 +110,8 @@ function render({ model, el: root }) {
         width, height: 220,
         // Losses span decades: a log scale once every value is positive.
         scales: { x: { time: false }, y: { distr: names.every((n) => series[n].y.every((v) => v > 0)) ? 3 : 1 } },
-        axes: [{ label: "step" }, { label: "loss" }],
+        // Ticks keep 3 significant digits: uPlot's default prints 1e-5 as "0".
+        axes: [{ label: "step" }, { label: "loss", values: (u, ticks) => ticks.map(tickLabel) }],
         series: [{ label: "step" }, ...names.map((n, i) => ({
           label: n, stroke: n === "val_loss" ? "#d62728" : COLORS[i % COLORS.length], width: n === "val_loss" ? 2 : 1.25,
           spanGaps: true, points: { show: n === "val_loss" },
