@@ -57,7 +57,9 @@ def shell(spark, tfos_home):
     magics = ip.magics_manager.registry["TfosMagics"]
     assert isinstance(magics, TfosMagics)
     magics.store = JobStore(tfos_home)
-    magics.frames.clear()
+    from tfos_magic import api
+
+    api._FRAMES.clear()
     yield ip
 
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 from conftest import run
 
-from tfos_magic import get_job
+from tfos_magic import api, get_job
 
 ROWS = 5_000_000
 LIMIT = 150 * 2**20
@@ -55,7 +55,7 @@ def test_driver_rss_stays_flat_while_a_worker_streams_5m_rows(shell, spark):
     cols = "', '".join(f"rand({i}) as f{i}" for i in range(8))
     _, err = run(shell, f"%%spark_etl big\nspark.range({ROWS}, numPartitions=2).selectExpr('{cols}', 'rand(99) as y')\n")
     assert err is None, err
-    df = shell.magics_manager.registry["TfosMagics"].frames["big"]
+    df = api._FRAMES["big"]
     with PeakRss() as streamed:
         _, err = run(shell, COUNT_ROWS)
     assert err is None, err

@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "tfos_magic"
 SIDES = {
-    "kernel": {"magics", "session", "driver", "job", "ui", "__init__"},
+    "kernel": {"api", "magics", "session", "driver", "job", "ui", "__init__"},
     "task": {"task"},
     "tfprocess": {"tfprocess"},
     "shared": {"protocol", "errors"},

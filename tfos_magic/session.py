@@ -10,32 +10,37 @@ from typing import Any
 from .errors import TfosError
 
 
-def get_spark(user_ns: dict[str, Any] | None = None):
-    """Return the active SparkSession, creating `local[*]` if none; bind it as `spark`."""
+def get_spark(user_ns: dict[str, Any] | None = None, master: str | None = None,
+              conf: dict[str, str] | None = None):
+    """Return the active SparkSession, else create one (bound as `spark`): on
+    TFOS_SPARK_MASTER, else `master` (a stored job's), else `local[*]`, with `conf` (the
+    settings a stored job ran with) under the ones this package needs."""
     from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
     if SparkContext._active_spark_context is not None:
         spark = SparkSession.builder.getOrCreate()
     else:
-        spark = _create()
+        spark = _create(master, conf or {})
     if user_ns is not None and not isinstance(user_ns.get("spark"), SparkSession):
         user_ns["spark"] = spark
     return spark
 
 
-def _create():
+def _create(master: str | None, conf: dict[str, str]):
     from pyspark.sql import SparkSession
 
     # Executors must run this interpreter, which has pyarrow, TF and tfos_magic.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    master = os.environ.get("TFOS_SPARK_MASTER", "local[*]")
+    master = os.environ.get("TFOS_SPARK_MASTER") or master or "local[*]"
     check_reachable(master)
+    builder = SparkSession.builder.master(master).appName("tfos-magic")
+    for key, value in conf.items():
+        builder = builder.config(key, value)
     try:
         return (
-            SparkSession.builder.master(master)
-            .appName("tfos-magic")
+            builder
             .config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
             .config("spark.sql.execution.arrow.pyspark.enabled", "true")
             .config("spark.ui.showConsoleProgress", "false")

@@ -24,6 +24,9 @@ class JobSpec:
     etl_df_var: str | None = None
     train_source: str | None = None
     options: TrainOptions = field(default_factory=TrainOptions)
+    # The Spark session it last ran on: {"master": ..., "conf": {key: value}} (the keys a
+    # user sets, not Spark's runtime ones), so a new kernel can make the same session.
+    spark: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -31,6 +34,7 @@ class JobSpec:
             "name": self.name,
             "etl": {"source": self.etl_source, "df_var": self.etl_df_var},
             "train": {"source": self.train_source, "options": self.options.to_dict(secrets=False)},
+            "spark": self.spark,
         }
 
     @classmethod
@@ -43,4 +47,5 @@ class JobSpec:
             etl_df_var=etl.get("df_var"),
             train_source=train.get("source"),
             options=TrainOptions.from_dict(train.get("options") or {}),
+            spark=data.get("spark"),
         )

@@ -1,34 +1,76 @@
-"""The options of a `%%tf_train` cell: stored in spec.json, and sent with every task's plan."""
+"""The options of a training run, declared once: each field of `TrainOptions` carries its
+flag, default, help text and environment variable. The `%%tf_train` and `%tfos_resume`
+parsers (and the `tfos` command line) are generated from these declarations, the README
+table is checked against them, and they travel in spec.json and in every task's plan.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from dataclasses import dataclass
-from typing import Any
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import TfosError
+
+
+def option(default: Any, help: str, *, type: Callable[[str], Any] | None = None, env: str | None = None,
+           metavar: str | None = None, choices: tuple[str, ...] | None = None, shown_default: str | None = None,
+           minimum: float | None = None) -> Any:
+    """A TrainOptions field with what its parsers and docs need. `env` names the variable
+    that sets its default for a whole site (a cluster's ZooKeeper, a restart policy)."""
+    return field(default=default, metadata={
+        "help": help, "type": type, "env": env, "metavar": metavar, "choices": choices,
+        "shown_default": shown_default, "minimum": minimum})
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 @dataclass
 class TrainOptions:
     """Options of a `%%tf_train` cell; defaults are what a new user should get."""
 
-    workers: int = 1
-    epochs: int = 1
-    batch_size: int = 128
-    label: str | None = None
-    features: list[str] | None = None
-    validation_df: str | None = None
-    checkpoint_dir: str | None = None
-    checkpoint_every_steps: int = 0
-    restart: bool = False
-    fillna: float | None = None
-    inputs: str = "auto"
-    strategy: str = "allreduce"
-    ps: int = 0
-    gpus_per_worker: int = 0
-    zookeeper: str | None = None
-    zk_auth: str | None = None
-    max_restarts: int = 2
-    start_timeout: float = 180.0
+    workers: int = option(1, "TF workers, one Spark barrier task each", type=int, env="TFOS_WORKERS",
+                          metavar="N", minimum=1)
+    epochs: int = option(1, "train until N epochs in total (a resumed job continues to N)", type=int,
+                         metavar="N", minimum=1)
+    batch_size: int = option(128, "rows per step on each worker", type=int, metavar="N", minimum=1)
+    label: str | None = option(None, "label column (required by `build_model`)", metavar="COL")
+    features: list[str] | None = option(None, "feature columns", type=_csv, metavar="a,b",
+                                        shown_default="all but the label")
+    inputs: str = option("auto", "one float32 matrix, or a dict of named tensors; auto picks the matrix when "
+                         "every feature is floating point (scalars, float arrays, ML vectors, side by side in "
+                         "column order) and the dict when an integer column is among them",
+                         choices=("auto", "matrix", "dict"))
+    validation_df: str | None = option(None, "a DataFrame streamed as validation data (a variable, or a job "
+                                       "registered under that name)", metavar="NAME")
+    checkpoint_dir: str | None = option(None, "any `tf.io.gfile` path (local, HDFS, object store)",
+                                        metavar="PATH", shown_default="job dir")
+    checkpoint_every_steps: int = option(0, "also checkpoint every N global steps (always every epoch); "
+                                         "a failure loses at most this many steps", type=int, metavar="N",
+                                         env="TFOS_CHECKPOINT_EVERY_STEPS", minimum=0)
+    restart: bool = option(False, "delete earlier checkpoints and metrics, start at step 0", type=bool)
+    fillna: float | None = option(None, "replace nulls in scalar feature columns", type=float, metavar="VALUE")
+    strategy: str = option("allreduce", "`MultiWorkerMirroredStrategy`, or variables on parameter servers",
+                           choices=("allreduce", "ps"), env="TFOS_STRATEGY")
+    ps: int = option(0, "parameter-server tasks, a Spark job of their own", type=int, metavar="N",
+                     shown_default="1 (ps)", minimum=0)
+    gpus_per_worker: int = option(0, "GPUs each worker task asks for (stage-level scheduling; ignored in "
+                                  "local mode)", type=int, metavar="N", env="TFOS_GPUS_PER_WORKER", minimum=0)
+    zookeeper: str | None = option(None, "ps mode: register tasks in ZooKeeper instead of the notebook",
+                                   metavar="HOST:PORT[/CHROOT]", env="TFOS_ZOOKEEPER")
+    zk_auth: str | None = option(None, "digest auth and ACL for the job's znodes", metavar="USER:PASSWORD",
+                                 env="TFOS_ZK_AUTH")
+    max_restarts: int = option(2, "restarts from the latest checkpoint after a task dies", type=int,
+                               metavar="N", env="TFOS_MAX_RESTARTS", minimum=0)
+    start_timeout: float = option(180.0, "all TF workers must start within S seconds of their Spark stage "
+                                  "starting", type=float, metavar="S", env="TFOS_START_TIMEOUT", minimum=1)
+    stall_timeout: float = option(600.0, "fail the job when no worker makes progress for S seconds, showing "
+                                  "each worker's last event", type=float, metavar="S", env="TFOS_STALL_TIMEOUT",
+                                  minimum=1)
 
     def to_dict(self, secrets: bool = True) -> dict[str, Any]:
         """As plain data; without `secrets`, the ZooKeeper password is masked (for spec.json)."""
@@ -41,3 +83,79 @@ class TrainOptions:
     def from_dict(cls, data: dict[str, Any]) -> "TrainOptions":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def check(self) -> "TrainOptions":
+        """Refuse values no run can use, naming the flag; returns self."""
+        for f in dataclasses.fields(self):
+            low, value = f.metadata.get("minimum"), getattr(self, f.name)
+            if low is not None and value is not None and value < low:
+                raise TfosError(f"{flag(f.name)} must be at least {low:g}, not {value}.")
+        if self.strategy == "ps" and self.ps < 1:
+            raise TfosError("--strategy ps needs at least one parameter server: --ps 1 or more.")
+        return self
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every option to `parser`. Values not given on the line parse as None, so that
+    `options_from` can tell them from defaults (an environment variable, or a stored run)."""
+    for f in dataclasses.fields(TrainOptions):
+        meta = f.metadata
+        if meta["type"] is bool:
+            parser.add_argument(flag(f.name), action="store_true", default=None, help=meta["help"])
+            continue
+        default = shown_default(f)
+        parser.add_argument(flag(f.name), type=meta["type"] or str, default=None, metavar=meta["metavar"],
+                            choices=meta["choices"], help=meta["help"] + (f" (default: {default})" if default else ""))
+
+
+def shown_default(f: dataclasses.Field, quote: str = "$") -> str:
+    """The default as a user reads it: its environment variable first, when it has one."""
+    meta = f.metadata
+    if meta["shown_default"]:
+        return meta["shown_default"]
+    plain = "" if f.default is None or f.default is False else f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
+    if meta["env"]:
+        name = f"{quote}{meta['env']}" + ("`" if quote == "`" else "")
+        return f"{name}, else {plain}" if plain else name
+    return plain
+
+
+def options_from(args: argparse.Namespace | dict[str, Any], base: TrainOptions | None = None,
+                 env: dict[str, str] | None = None) -> TrainOptions:
+    """The options a run uses: what the line gave, else `base` (a stored run being
+    resumed), else the option's environment variable, else its default."""
+    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainOptions):
+        meta, value = f.metadata, given.get(f.name)
+        if value is None and base is not None:
+            value = getattr(base, f.name)
+        elif value is None and meta["env"] and env.get(meta["env"]):
+            raw = env[meta["env"]]
+            try:
+                value = (meta["type"] or str)(raw)
+            except ValueError:
+                raise TfosError(f"${meta['env']}={raw!r} is not a valid {flag(f.name)} value.") from None
+        values[f.name] = f.default if value is None else value
+    if values["strategy"] == "ps" and not values["ps"]:
+        values["ps"] = 1
+    if values["strategy"] != "ps":
+        values["ps"] = 0
+    return TrainOptions(**values).check()
+
+
+def markdown_table() -> str:
+    """The README's option table, generated from the declarations (a test keeps them equal)."""
+    rows = ["| option | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(TrainOptions):
+        meta = f.metadata
+        shown = flag(f.name) + (f" {meta['metavar']}" if meta["metavar"] else "")
+        if meta["choices"]:
+            shown += " " + "/".join(meta["choices"])
+        rows.append(f"| `{shown}` | {shown_default(f, quote='`')} | {meta['help']} |")
+    return "\n".join(rows)
