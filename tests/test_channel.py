@@ -113,3 +113,23 @@ def test_control_lines_reach_listeners_only():
     listener.close()
     asker.close()
     channel.close()
+
+
+def test_task_config_holds_no_secret_and_only_its_owner_reads_it(tmp_path):
+    import os
+    import stat
+
+    from tfos_magic.protocol.feed_spec import FeedSpec
+    from tfos_magic.protocol.options import TrainOptions
+    from tfos_magic.protocol.plan import RegistryPlan, TaskConfig, TaskPlan
+
+    plan = TaskPlan(job="j", run=1, channel_address="127.0.0.1:1", host=None, train_source="", feed=FeedSpec([], None, "matrix"),
+                    options=TrainOptions(zk_auth="u:pw-secret"), checkpoint_dir=str(tmp_path),
+                    registry=RegistryPlan("zookeeper", "zk:2181", "u:pw-secret"), token="tok-secret")
+    config = TaskConfig(plan, "worker", 0, 1, "127.0.0.1", str(tmp_path))
+    path = config.write()
+    text = open(path).read()
+    assert "tok-secret" not in text and "pw-secret" not in text
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    back = TaskConfig.read(path, env=config.secret_env())
+    assert back.plan.token == "tok-secret" and back.plan.registry.auth == "u:pw-secret"

@@ -78,3 +78,51 @@ def test_concurrent_reader_never_sees_a_torn_state(tmp_path):
         reads += 1
     proc.join(30)
     assert proc.exitcode == 0
+
+
+def _running(store, **fields):
+    store.save_spec(JobSpec("j"))
+    return store.write_state("j", state="running", **fields)
+
+
+def test_a_run_whose_kernel_died_reads_interrupted(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import time
+
+    store = JobStore(tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    _running(store, driver_pid=dead.pid, driver_host=socket.gethostname(), heartbeat=time.time())
+    state = store.read_state("j")
+    assert state["state"] == "interrupted" and state["interrupted_at"] is not None
+    assert Job("j", store).state == "interrupted", "get_job() reconciles too"
+    assert store.read_state("j", reconcile=False)["state"] == "running", "the file itself is left alone"
+    # Live on this host with a fresh heartbeat: running.
+    store.write_state("j", driver_pid=os.getpid(), heartbeat=time.time())
+    assert store.read_state("j")["state"] == "running"
+    # On another host only the heartbeat counts.
+    store.write_state("j", driver_host="elsewhere", heartbeat=time.time() - 5)
+    assert store.read_state("j")["state"] == "running"
+    store.write_state("j", heartbeat=time.time() - 120)
+    assert store.read_state("j")["state"] == "interrupted"
+
+
+def test_heartbeat_keeps_a_run_alive_and_stops_when_closed(tmp_path):
+    import time
+
+    from tfos_magic.job.store import Heartbeat
+
+    store = JobStore(tmp_path)
+    _running(store, driver_host="elsewhere", heartbeat=0)
+    assert store.read_state("j")["state"] == "interrupted", "no heartbeat yet"
+    beat = Heartbeat(store, "j", interval=0.05)
+    first = store.read_state("j")["heartbeat"]
+    assert store.read_state("j")["state"] == "running"
+    time.sleep(0.3)
+    beat.close()
+    last = store.read_state("j")["heartbeat"]
+    assert last > first, "the thread refreshes the heartbeat"
+    time.sleep(0.2)
+    assert store.read_state("j")["heartbeat"] == last, "and stops when closed"

@@ -84,26 +84,16 @@ def request_stop(store: JobStore, name: str) -> bool:
     return event is not None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def refuse_if_running(store: JobStore, name: str) -> None:
-    """A second run of a running job would fight the first over its checkpoints."""
+    """A second run of a running job would fight the first over its checkpoints. A run
+    whose kernel died reads `interrupted` (job/store.py) and may be resumed."""
     state = store.read_state(name) or {}
     pid, host = state.get("driver_pid"), state.get("driver_host")
-    elsewhere = (state.get("state") == "running" and isinstance(pid, int) and pid != os.getpid()
-                 and host == socket.gethostname() and _pid_alive(pid))
+    elsewhere = state.get("state") == "running" and pid != os.getpid()
     if name in _ACTIVE or elsewhere:
         who = "this kernel" if name in _ACTIVE else f"process {pid} on {host}"
         raise TfosError(f"Job {name!r} is already running in {who} (run {state.get('run')}, attempt "
-                        f"{state.get('attempt')}). Wait for it to end, or stop it first (interrupt that kernel); "
+                        f"{state.get('attempt')}). Wait for it to end, or stop it first with %tfos_stop {name}; "
                         "to train something else at the same time, give it another job name.")
 
 
@@ -120,7 +110,7 @@ def _check_strategy(opts: TrainOptions) -> int:
 
 def _registry(opts: TrainOptions, job: str) -> tuple[Any, RegistryPlan]:
     """The driver's view of the registry and what the tasks need to reach it."""
-    hosts = opts.zookeeper or os.environ.get("TFOS_ZOOKEEPER")
+    hosts = opts.zookeeper
     if opts.strategy == "ps" and hosts:
         view = ZooKeeperView(hosts, job, opts.zk_auth)  # fails within its timeout if unreachable
         view.clear()  # nodes a dead kernel left behind
@@ -171,7 +161,8 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
     driver_host, worker_host = _hosts(sc)
     plan = TaskPlan(job=name, run=run, channel_address=f"{driver_host}:{channel.port}", host=worker_host,
                     train_source=spec.train_source or "", feed=feed, options=opts, checkpoint_dir=checkpoint_dir,
-                    registry=registry_plan, log_dir=store.log_dir(name, checkpoint_dir))
+                    registry=registry_plan, log_dir=store.log_dir(name, checkpoint_dir),
+                    failpoint=os.environ.get("TFOS_FAILPOINT") or None)
     expected = [("worker", i) for i in range(opts.workers)]
     if opts.strategy == "ps":
         expected += [("ps", i) for i in range(opts.ps)]
@@ -181,6 +172,7 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
         checkpoint_dir=checkpoint_dir, workers=opts.workers, ps=opts.ps if opts.strategy == "ps" else 0,
         epochs=opts.epochs, driver_pid=os.getpid(), driver_host=socket.gethostname())
     store.clear_stop_request(name)
+    heartbeat = store.heartbeat(name)  # readers elsewhere tell a live run from a dead kernel's
     stop_event = _ACTIVE[name] = threading.Event()
     last_check = [0.0]
 
@@ -226,6 +218,7 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
         observers.on_end(store.write_state(name, state="failed", ended=time.time(), error=str(exc)))
         raise
     finally:
+        heartbeat.close()
         _ACTIVE.pop(name, None)
         store.clear_stop_request(name)
         channel.unregister(name)
@@ -272,4 +265,4 @@ def _attempt(sc, frame: DataFrame, plan: TaskPlan, profile, monitor: RunMonitor,
         ps = SparkJob(sc, f"{group}-ps", f"tfos {plan.job}: {opts.ps} parameter server(s)", ps_rdd.collect)
     stream = frame.mapInArrow(make_task(plan), RESULT_DDL, barrier=True, profile=profile)
     workers = SparkJob(sc, group, f"tfos {plan.job}: {opts.workers} worker(s)", stream.collect)
-    run_attempt(workers, ps, monitor, expected, opts.start_timeout, observers, stop)
+    run_attempt(workers, ps, monitor, expected, opts.start_timeout, observers, stop, opts.stall_timeout)

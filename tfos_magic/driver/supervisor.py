@@ -27,6 +27,8 @@ ERROR_GRACE_S = 2.0
 CANCEL_WAIT_S = 60.0
 # How long a stop waits for the workers' checkpoint before cancelling them anyway.
 STOP_SAVE_S = 10.0
+# Events that show a TF process moving on (gpu events do when their `rows` grew).
+PROGRESS_KINDS = frozenset({"started", "training", "step", "epoch", "checkpoint", "model", "stopping", "finished"})
 # Complaints of a worker whose peer died: symptoms, never the cause.
 _SECONDARY = re.compile(r"Collective ops is aborted|UnavailableError|CancelledError|unhealthy|Socket closed")
 
@@ -55,6 +57,9 @@ class RunMonitor:
     started: set[tuple[str, int]] = field(default_factory=set)
     errors: list[TaskError] = field(default_factory=list)
     training: bool = False  # the chief got past its set-up (a `training` event)
+    last_progress: float = field(default_factory=time.monotonic)
+    last_event: dict[str, dict[str, Any]] = field(default_factory=dict)  # "worker 0" -> its last progress
+    _rows: dict[str, int] = field(default_factory=dict)
     stop_saved: str | None = None  # the checkpoint the workers wrote when asked to stop
     # Events of the current attempt not yet shown: filled by the channel's threads,
     # drained by the kernel's main thread (so output lands in the running cell).
@@ -65,6 +70,7 @@ class RunMonitor:
         with self._lock:
             self.attempt, self.started, self.errors = attempt, set(), []
             self.training, self.stop_saved = False, None
+            self.last_progress, self.last_event, self._rows = time.monotonic(), {}, {}
             self.pending.clear()
 
     def sink_for(self, attempt: int) -> Callable[[dict[str, Any]], None]:
@@ -83,6 +89,7 @@ class RunMonitor:
             if attempt != self.attempt:
                 return  # a late word from an attempt already over
             role = event.get("role", "worker")
+            self._note_progress(event, role)
             self.pending.append(event)
             if event.get("kind") == "started":
                 self.started.add((role, int(event.get("worker", -1))))
@@ -94,6 +101,34 @@ class RunMonitor:
                 message = f"{role} {event.get('worker')}: {event.get('message')}"
                 retryable = bool(event.get("retryable")) or bool(_SECONDARY.search(message))
                 self.errors.append(TaskError(message, retryable, event.get("details_file")))
+
+    def _note_progress(self, event: dict[str, Any], role: str) -> None:
+        kind, who = event.get("kind"), f"{role} {event.get('worker')}"
+        if kind == "gpu":  # rows handed to tf.data: progress when they grew
+            rows = event.get("rows") or 0
+            if rows <= self._rows.get(who, 0):
+                return
+            self._rows[who] = rows
+            event = {"kind": "rows", "rows": rows, "time": event.get("time")}
+        elif kind not in PROGRESS_KINDS:
+            return
+        self.last_progress = time.monotonic()
+        self.last_event[who] = event
+
+    def stalled(self, timeout: float) -> "AttemptFailed | None":
+        """A failure when no TF process has moved on for `timeout` seconds, naming each one's last event."""
+        idle = time.monotonic() - self.last_progress
+        if idle < timeout:
+            return None
+        now = time.time()
+        with self._lock:
+            events = sorted(self.last_event.items())
+        last = "; ".join(f"{who}: {_describe_event(e)} {now - float(e.get('time') or now):.0f}s ago"
+                         for who, e in events) or "none"
+        return AttemptFailed(
+            f"No progress from any worker for {idle:.0f}s (--stall-timeout {timeout:g}). Last event of each task: "
+            f"{last}. Something blocks training: a stuck input pipeline, a collective waiting for a peer, or "
+            "code in the cell that waits; each task's log is in the Spark UI.", retryable=False)
 
     def drain(self, observers: JobObserver) -> None:
         """Hand the pending events to the observers; called on the kernel's main thread.
@@ -121,6 +156,17 @@ class RunMonitor:
         if root is None:
             return AttemptFailed("a TF task failed", self.retryable())
         return AttemptFailed(str(root), self.retryable(), root.details_file)
+
+
+def _describe_event(event: dict[str, Any]) -> str:
+    kind = event.get("kind")
+    if kind in ("step", "checkpoint", "stopping"):
+        return f"{kind} (step {event.get('step')})"
+    if kind == "epoch":
+        return f"epoch {event.get('epoch')} done"
+    if kind == "rows":
+        return f"{event.get('rows')} rows read"
+    return str(kind)
 
 
 class JobStopped(Exception):
@@ -203,7 +249,7 @@ class SparkJob:
 
 def run_attempt(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
                 expected: list[tuple[str, int]], start_timeout: float, observers: JobObserver,
-                stop: StopControl = StopControl()) -> None:
+                stop: StopControl = StopControl(), stall_timeout: float = 600.0) -> None:
     """Watch one attempt; return when the workers succeed, raise AttemptFailed otherwise,
     JobStopped on a stop request and KeyboardInterrupt on an interrupt.
 
@@ -211,7 +257,7 @@ def run_attempt(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
     """
     try:
         try:
-            _watch(workers, ps, monitor, expected, start_timeout, observers, stop.requested)
+            _watch(workers, ps, monitor, expected, start_timeout, observers, stop.requested, stall_timeout)
         except (JobStopped, KeyboardInterrupt):
             _checkpoint_before_stop(workers, monitor, observers, stop)
             raise
@@ -255,7 +301,7 @@ def stage_progress(sc, group: str) -> tuple[int, int] | None:
 
 def _watch(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
            expected: list[tuple[str, int]], start_timeout: float, observers: JobObserver,
-           stop: Callable[[], bool]) -> None:
+           stop: Callable[[], bool], stall_timeout: float) -> None:
     running_since: float | None = None
     first_error: float | None = None
     progress: tuple[int, int] | None = None
@@ -280,6 +326,9 @@ def _watch(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
             message = _spark_error_message(ps.error) if ps.error else "the parameter-server job ended"
             raise AttemptFailed(f"parameter server lost: {message}", retryable=True)
         if set(expected) <= monitor.started:
+            stall = monitor.stalled(stall_timeout)
+            if stall is not None:
+                raise stall
             continue
         if not monitor.started:
             now = stage_progress(workers.sc, workers.group)

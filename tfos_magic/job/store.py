@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,7 +31,12 @@ from ..protocol.paths import join_uri
 from .spec import JobSpec
 
 STATE_FORMAT = "tfos-state/1"
-STATES = ("registered", "running", "succeeded", "failed", "stopped")
+# `interrupted` is never written: it is how a `running` job whose kernel died reads.
+STATES = ("registered", "running", "succeeded", "failed", "stopped", "interrupted")
+# The running kernel refreshes state.json's heartbeat this often; a reader on another
+# host takes a heartbeat older than HEARTBEAT_STALE_S for a dead kernel.
+HEARTBEAT_S = 5.0
+HEARTBEAT_STALE_S = 30.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -123,17 +130,30 @@ class JobStore:
         return JobSpec.from_dict(data)
 
     # state ------------------------------------------------------------
-    def read_state(self, name: str) -> dict[str, Any] | None:
-        return read_json(self.job_dir(name) / "state.json")
+    _write_lock = threading.Lock()  # the run's thread and its heartbeat both merge into state.json
+
+    def read_state(self, name: str, reconcile: bool = True) -> dict[str, Any] | None:
+        """state.json; a `running` job whose kernel is gone reads as `interrupted` (with
+        `interrupted_at`, its last heartbeat), for every reader in every process."""
+        state = read_json(self.job_dir(name) / "state.json")
+        if reconcile and state is not None and state.get("state") == "running" and not driver_alive(state):
+            beat = state.get("heartbeat")
+            state = dict(state, state="interrupted", interrupted_at=state.get("updated") if beat is None else beat)
+        return state
 
     def write_state(self, name: str, **fields: Any) -> dict[str, Any]:
         """Merge fields into state.json; the driver is the only writer."""
-        if "state" in fields and fields["state"] not in STATES:
+        if "state" in fields and fields["state"] not in STATES[:-1]:
             raise ValueError(f"unknown job state {fields['state']!r}")
-        state = self.read_state(name) or {"format": STATE_FORMAT}
-        state.update(fields, updated=time.time())
-        atomic_write_json(self.job_dir(name) / "state.json", state)
+        with self._write_lock:
+            state = self.read_state(name, reconcile=False) or {"format": STATE_FORMAT}
+            state.update(fields, updated=time.time())
+            atomic_write_json(self.job_dir(name) / "state.json", state)
         return state
+
+    def heartbeat(self, name: str) -> "Heartbeat":
+        """Refresh the running job's heartbeat until the returned thread is closed."""
+        return Heartbeat(self, name)
 
     # metrics ----------------------------------------------------------
     def metrics_path(self, name: str) -> Path:
@@ -190,3 +210,48 @@ class JobStore:
     def forget_metrics(self, name: str) -> None:
         """Drop the metric history for `--restart` (the chief worker clears the checkpoints)."""
         self.metrics_path(name).unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def driver_alive(state: dict[str, Any], now: float | None = None) -> bool:
+    """Whether the kernel that runs a `running` job still does: on this host its process
+    must exist; anywhere, its heartbeat must be fresh. Old states without a heartbeat
+    count their last update."""
+    pid, host = state.get("driver_pid"), state.get("driver_host")
+    if isinstance(pid, int) and host == socket.gethostname() and not _pid_alive(pid):
+        return False
+    beat = state.get("heartbeat")
+    if beat is None:
+        beat = state.get("updated") or 0
+    return (now or time.time()) - float(beat) < HEARTBEAT_STALE_S
+
+
+class Heartbeat:
+    """A daemon thread that writes state.json's `heartbeat` every HEARTBEAT_S while a job runs."""
+
+    def __init__(self, store: JobStore, name: str, interval: float = HEARTBEAT_S) -> None:
+        self._store, self._name, self._interval = store, name, interval
+        self._stop = threading.Event()
+        store.write_state(name, heartbeat=time.time())
+        self._thread = threading.Thread(target=self._run, name=f"tfos-heartbeat-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._store.write_state(self._name, heartbeat=time.time())
+            except OSError:  # a full or gone disk must not kill the run; readers then see it stale
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(self._interval + 1)

@@ -47,6 +47,9 @@ class TaskPlan:
     log_dir: str = ""  # TensorBoard event files (chief only); "" for none
     attempt: int = 0
     token: str = ""
+    # Fault injection for recovery tests (tfprocess/failpoints.py): from the kernel's
+    # TFOS_FAILPOINT, so that it reaches the TF processes on any cluster. None in use.
+    failpoint: str | None = None
 
     @property
     def strategy(self) -> str:
@@ -107,7 +110,8 @@ class TaskConfig:
     def write(self) -> str:
         data = {"role": self.role, "index": self.index, "num_workers": self.num_workers,
                 "bind_host": self.bind_host, "workdir": self.workdir, "plan": self.plan.to_dict(secrets=False)}
-        with open(self.config_path, "w") as f:
+        # Owner-only, although the secrets travel in the environment (secret_env), not here.
+        with open(os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(data, f)
         return self.config_path
 

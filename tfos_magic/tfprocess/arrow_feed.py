@@ -35,6 +35,8 @@ class ArrowFeed:
         self._writers: dict[str, pa.ipc.RecordBatchStreamWriter] = {}
         self.rows = {"train": 0, "validation": 0}
         self.rows_delivered = 0  # rows handed to tf.data, all passes
+        self._skip_rows = 0
+        self.last_pass_rows: int | None = None  # training rows the last finished pass delivered
 
     # --- reading the stream -------------------------------------------
     def _write_spill(self, split: str, batch: pa.RecordBatch) -> None:
@@ -169,14 +171,30 @@ class ArrowFeed:
             x = {c.name: spec_of(c) for c in self.spec.features}
         return x if self.spec.label is None else (x, spec_of(self.spec.label))
 
+    def skip_next_pass(self, rows: int) -> None:
+        """Leave out the first `rows` training rows of the next pass only: a run resumed
+        from a checkpoint taken mid-epoch goes on where the epoch was, instead of training
+        on those rows twice (and taking more steps than an unbroken run)."""
+        self._skip_rows = max(0, int(rows))
+
     def dataset(self, batch_size: int, split: str = "train"):
         """A tf.data.Dataset of this worker's rows, `batch_size` rows a step, re-iterable per epoch."""
         import tensorflow as tf
 
         def generate():
+            skip, self._skip_rows = (self._skip_rows, 0) if split == "train" else (0, self._skip_rows)
+            delivered = 0
             for batch in self.batches(split):
+                if skip:  # rows an earlier attempt trained on in this epoch (skip_next_pass)
+                    if batch.num_rows <= skip:
+                        skip -= batch.num_rows
+                        continue
+                    batch, skip = batch.slice(skip), 0
                 self.rows_delivered += batch.num_rows
+                delivered += batch.num_rows
                 yield self.to_numpy(batch)
+            if split == "train":
+                self.last_pass_rows = delivered
 
         ds = tf.data.Dataset.from_generator(generate, output_signature=self.element_spec())
         ds = ds.rebatch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -48,22 +48,62 @@ def ensure_writable(directory: str) -> None:
         ) from None
 
 
+def incomplete(path: str) -> str | None:
+    """Why the checkpoint at `path` cannot be restored (missing or truncated files, a bad
+    checksum), or None when every tensor in it reads back."""
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except Exception as exc:  # noqa: BLE001 - a truncated file raises IndexError, a bad one DataLossError...
+        return f"{type(exc).__name__}: {getattr(exc, 'message', None) or exc}"
+    return None
+
+
+def latest_complete(directory: str, say: Callable[[str], None] | None = print) -> str | None:
+    """The newest checkpoint of `directory` that reads back whole. One that was half
+    written or truncated (a full disk, a crash during a save) is skipped for the one
+    before it, with a warning naming both."""
+    state = tf.train.get_checkpoint_state(directory)
+    candidates = list(reversed(state.all_model_checkpoint_paths)) if state else []
+    if state and state.model_checkpoint_path and state.model_checkpoint_path not in candidates:
+        candidates.insert(0, state.model_checkpoint_path)
+    skipped: list[str] = []
+    for path in candidates:
+        reason = incomplete(path)
+        if reason is None:
+            if skipped and say is not None:
+                say(f"tfos: warning: checkpoint {skipped[0]} is incomplete or corrupt ({skipped[1]}); "
+                    f"resuming from the previous one, {path}")
+            return path
+        if not skipped:
+            skipped = [path, reason.splitlines()[0][:300]]
+    if skipped and say is not None:
+        say(f"tfos: warning: no usable checkpoint in {directory}: {skipped[0]} is incomplete or corrupt "
+            f"({skipped[1]}) and there is no complete one before it; training starts from the beginning")
+    return None
+
+
 class Checkpointer:
     def __init__(self, directory: str, is_chief: bool, notify: Notify | None = None,
-                 max_to_keep: int = 3, **objects: Any) -> None:
+                 max_to_keep: int = 3, failpoint: Any = None, **objects: Any) -> None:
+        self._failpoint = failpoint
         self.directory = directory
         self.is_chief = is_chief
         self._notify = notify
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="tfos_epoch")
-        self.checkpoint = tf.train.Checkpoint(tfos_epoch=self.epoch, **objects)
+        # The global step at which the current epoch began (-1: not known, e.g. an older
+        # checkpoint): a resume mid-epoch skips the steps the epoch had already taken.
+        self.epoch_start = tf.Variable(-1, dtype=tf.int64, trainable=False, name="tfos_epoch_start")
+        self.checkpoint = tf.train.Checkpoint(tfos_epoch=self.epoch, tfos_epoch_start=self.epoch_start, **objects)
         self._tmp = None if is_chief else tempfile.mkdtemp(prefix="tfos-ckpt-")
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, directory if is_chief else self._tmp,
             max_to_keep=max_to_keep, checkpoint_name=CHECKPOINT_PREFIX)
 
     def restore(self) -> str | None:
-        """Load the latest checkpoint of the shared dir, if any; return its path."""
-        latest = tf.train.latest_checkpoint(self.directory)
+        """Load the latest complete checkpoint of the shared dir, if any; return its path."""
+        latest = latest_complete(self.directory, print if self.is_chief else None)
         if latest:
             self.checkpoint.restore(latest).expect_partial()
         return latest
@@ -71,8 +111,11 @@ class Checkpointer:
     def save(self, step: int, epoch: int | None = None, reason: str = "schedule") -> str:
         """Every worker calls this at the same step (MWMS saves run collectives). `reason` is
         "schedule" (--checkpoint-every-steps), "epoch" or "stop"."""
-        if epoch is not None:
+        if epoch is not None:  # an epoch boundary: the next epoch begins at this step
             self.epoch.assign(epoch)
+            self.epoch_start.assign(step)
+        if self._failpoint is not None:
+            self._failpoint.hit("checkpoint")
         path = self.manager.save(checkpoint_number=step)
         if self.is_chief and self._notify is not None:
             self._notify(path, int(step), int(self.epoch.numpy()), reason)

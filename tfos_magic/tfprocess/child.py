@@ -21,6 +21,7 @@ from ..protocol.events import make_event
 from ..protocol.logs import log_tail
 from ..protocol.net import free_port
 from ..protocol.plan import TaskConfig
+from .failpoints import Failpoint
 from .failures import failure
 from .stopping import StopRequested, StopSignal
 
@@ -84,12 +85,14 @@ def run(config: TaskConfig) -> dict[str, Any]:
     # The GPUs Spark gave this task (task/feeder.py), for the dashboard; None: not assigned.
     channel.send(make_event("started", index, role=role, pid=os.getpid(),
                             gpus=os.environ.get("CUDA_VISIBLE_DEVICES")))
+    failpoint = Failpoint(plan.failpoint, index, plan.attempt, role)
+    failpoint.hit("startup")
     sys.stdout = _PrintsToNotebook(sys.stdout, channel, index, role)
     namespace: dict[str, Any] = {"__name__": "__tfos_train__"}
     result: dict[str, Any] = {"status": "ok"}
     cleanup: list[Any] = []
     try:
-        _train(config, channel, namespace, cleanup, result, stop)
+        _train(config, channel, namespace, cleanup, result, stop, failpoint)
     except StopRequested as exc:
         result = {"status": "stopped", "error": str(exc)}
     except BaseException as exc:  # noqa: BLE001 - everything must reach the driver
@@ -126,7 +129,7 @@ def _join_cluster(config: TaskConfig, cleanup: list[Any]) -> dict[str, list[str]
 
 
 def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup: list[Any],
-           result: dict[str, Any], stop: StopSignal) -> None:
+           result: dict[str, Any], stop: StopSignal, failpoint: Failpoint) -> None:
     from ..protocol import cells
     from .arrow_feed import ArrowFeed
 
@@ -151,12 +154,14 @@ def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup:
     feed = ArrowFeed(sys.stdin.buffer, plan.feed, config.workdir)
     ctx = (ps_train.PSContext if ps_mode else TrainContext)(
         job=plan.job, strategy=strategy, feed=feed, worker_index=config.index, num_workers=config.num_workers,
-        checkpoint_dir=plan.checkpoint_dir, options=opts, channel=channel, log_dir=plan.log_dir, stop=stop)
+        checkpoint_dir=plan.checkpoint_dir, options=opts, channel=channel, log_dir=plan.log_dir, stop=stop,
+        failpoint=failpoint)
     cleanup.append(ctx)
     from .gpu_sampler import GpuSampler, default_source
 
-    cleanup.append(GpuSampler(lambda reading: channel.send(make_event("gpu", config.index, **reading)),
-                              default_source()).start())
+    # `rows` (handed to tf.data so far) lets the notebook see a custom loop progress.
+    cleanup.append(GpuSampler(lambda reading: channel.send(
+        make_event("gpu", config.index, rows=feed.rows_delivered, **reading)), default_source()).start())
     if ctx.is_chief:
         checkpoints.ensure_writable(ctx.checkpoint_dir)
         if opts.restart and plan.attempt == 1:

@@ -11,6 +11,7 @@ from ..protocol.options import TrainOptions
 from ..protocol.paths import join_uri
 from .arrow_feed import ArrowFeed
 from .checkpoints import Checkpointer
+from .failpoints import Failpoint
 from .stopping import StopRequested, StopSignal
 
 
@@ -19,7 +20,8 @@ class TrainContext:
 
     def __init__(self, *, job: str, strategy: Any, feed: ArrowFeed, worker_index: int,
                  num_workers: int, checkpoint_dir: str, options: TrainOptions,
-                 channel: ChannelClient, log_dir: str = "", stop: StopSignal | None = None) -> None:
+                 channel: ChannelClient, log_dir: str = "", stop: StopSignal | None = None,
+                 failpoint: Failpoint | None = None) -> None:
         self.job = job
         self.strategy = strategy
         self.feed = feed
@@ -32,6 +34,7 @@ class TrainContext:
         self.batch_size: int = options.batch_size
         self._channel = channel
         self._stop = stop or StopSignal(worker_index == 0, lambda step: None)
+        self.failpoint = failpoint or Failpoint(None, worker_index, 0)
         self._checkpointers: list[Checkpointer] = []
 
     @property
@@ -59,7 +62,8 @@ class TrainContext:
 
     def checkpoint(self, **objects: Any) -> Checkpointer:
         """A Checkpointer for `objects` in the job's checkpoint dir; call .restore() then .save(step)."""
-        ckpt = Checkpointer(self.checkpoint_dir, self.is_chief, notify=self._checkpoint_saved, **objects)
+        ckpt = Checkpointer(self.checkpoint_dir, self.is_chief, notify=self._checkpoint_saved,
+                            failpoint=self.failpoint, **objects)
         self._checkpointers.append(ckpt)
         return ckpt
 
@@ -91,6 +95,24 @@ class TrainContext:
     def close(self) -> None:
         for ckpt in self._checkpointers:
             ckpt.close()
+
+
+def check_finite(loss: Any, step: int, worker: int, checkpoint_dir: str) -> None:
+    """A NaN or infinite loss ends the job: training on would only overwrite good
+    checkpoints with bad weights, and a restart would diverge again (not retried)."""
+    import math
+
+    try:
+        value = float(loss)
+    except (TypeError, ValueError):
+        return
+    if not math.isfinite(value):
+        from ..errors import TfosError
+
+        raise TfosError(
+            f"The loss is {value} at step {step} on worker {worker}. Training stopped; the last good checkpoint "
+            f"in {checkpoint_dir} is kept. Lower the learning rate, clip gradients (e.g. the optimizer's "
+            "clipnorm=1.0), or look for NaN/inf or huge values in the data; then run the cell again.")
 
 
 class Throttle:

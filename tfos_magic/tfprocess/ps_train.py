@@ -21,8 +21,8 @@ import tensorflow as tf
 from ..errors import TfosError
 from ..protocol.paths import CHECKPOINT_PREFIX
 from ..protocol.paths import H5_MODEL_FILE as MODEL_FILE
-from . import model_inputs
-from .context import Throttle, TrainContext
+from . import checkpoints, model_inputs
+from .context import Throttle, TrainContext, check_finite
 from .stopping import StopRequested
 from .keras_fit import NO_WEIGHTS, tensorboard_installed
 
@@ -67,6 +67,7 @@ class PSContext(TrainContext):
     `ctx.session()`; `ctx.save(sess)` checkpoints (chief only)."""
 
     _saver: Any = None
+    restored_from: str | None = None  # the checkpoint the chief's session restored
 
     @property
     def global_step(self):
@@ -81,14 +82,17 @@ class PSContext(TrainContext):
         target = self.strategy.server.target
         config = tf.compat.v1.ConfigProto(device_filters=["/job:ps", f"/job:worker/task:{self.worker_index}"])
         if self.is_chief:
+            self.restored_from = checkpoints.latest_complete(self.checkpoint_dir)
             return manager.prepare_session(target, init_op=tf.compat.v1.global_variables_initializer(),
-                                           saver=self._saver, checkpoint_dir=self.checkpoint_dir, config=config)
+                                           saver=self._saver, checkpoint_filename_with_path=self.restored_from,
+                                           config=config)
         return manager.wait_for_session(target, config=config, max_wait_secs=SESSION_WAIT_S)
 
     def save(self, sess: Any, step: int | None = None, epoch: int | None = None,
              reason: str = "schedule") -> str | None:
         if not self.is_chief:
             return None
+        self.failpoint.hit("checkpoint")
         step = int(sess.run(self.global_step)) if step is None else step
         path = self._saver.save(sess, self.checkpoint_path(CHECKPOINT_PREFIX), global_step=step)
         self.send("checkpoint", path=path, step=step, epoch=epoch, reason=reason)
@@ -146,7 +150,7 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
     tf.compat.v1.keras.backend.set_session(sess)
     step, initial_epoch = (int(v) for v in sess.run([step_var, epoch_var]))
     ctx.send("training", initial_step=step, initial_epoch=initial_epoch,
-             restored_from=tf.train.latest_checkpoint(ctx.checkpoint_dir) if step else None)
+             restored_from=ctx.restored_from if step else None)
     throttle = Throttle(1.0)
     last_saved = step
     # TensorBoard event files for `%tensorboard --logdir`, written by the chief.
@@ -160,6 +164,9 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
                 _, value, step = sess.run([train_op, loss, step_var])
             except tf.errors.OutOfRangeError:
                 break
+            check_finite(value, int(step), ctx.worker_index, ctx.checkpoint_dir)
+            if epoch == 0:
+                ctx.failpoint.hit("streaming")
             total, steps = total + float(value), steps + 1
             if ctx.should_stop(int(step)):
                 ctx.stop_here(sess, int(step), epoch=epoch)
@@ -173,6 +180,7 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
         metrics = {"loss": total / max(steps, 1),
                    "rows_per_s": (ctx.feed.rows_delivered - rows0) / (time.monotonic() - t0)}
         if val is not None:
+            ctx.failpoint.hit("validation")
             metrics["val_loss"] = _evaluate(sess, val_it, val_loss)
         ctx.report(step=int(step), epoch=epoch + 1, **metrics)
         _scalars(board, int(step), **{f"epoch_{k}": v for k, v in metrics.items()})
@@ -239,6 +247,7 @@ def _evaluate(sess: Any, iterator: Any, loss: Any) -> float:
 
 def save_model(model: Any, ctx: PSContext) -> None:
     """The chief writes the trained model (HDF5: graph-mode Keras cannot write .keras)."""
+    ctx.failpoint.hit("final_save")
     if not ctx.is_chief:
         return
     path = ctx.checkpoint_path(MODEL_FILE)

@@ -1,0 +1,83 @@
+"""Fault injection: a worker's TF process is killed (SIGKILL) at a seeded random moment of
+each phase of a run: start-up, the first epoch while Spark still streams, mid-checkpoint,
+validation and the final save (tfprocess/failpoints.py). Every run must restart from its
+latest checkpoint, end with the unfaulted run's total step count, lose at most one
+checkpoint interval of steps, and reach a final loss within 10% of the unfaulted run's.
+All-reduce on local Spark; ps mode on the standalone cluster is in test_cluster.py."""
+
+import random
+
+import pytest
+from conftest import regression_cell, run
+
+from tfos_magic import get_job
+from tfos_magic.tfprocess.failpoints import PHASES
+
+INTERVAL = 25
+ETL = """%%spark_etl {name}
+from pyspark.sql import functions as F
+df = spark.range(16000, numPartitions=2).select(*[F.rand(seed=i).alias(f"x{{i}}") for i in range(4)])
+df = df.withColumn("y", 2 * F.col("x0") - 3 * F.col("x1") + 0.5 * F.col("x2") + F.col("x3") + 1.0
+                   + 0.1 * F.randn(seed=9))
+val = df.limit(1500)
+df
+"""
+TRAIN = (f"%%tf_train {{name}} --workers 2 --epochs 3 --batch-size 64 --label y --validation-df val "
+         f"--checkpoint-every-steps {INTERVAL} --max-restarts 2\n"
+         + regression_cell(inputs=4, hidden=16, learning_rate=0.01))
+
+
+def failpoint(seed: int) -> str:
+    """The seed's phase (seeds 1-5 cover the five), victim worker and moment within it."""
+    rng = random.Random(seed)
+    phase = PHASES[(seed - 1) % len(PHASES)]
+    victim = rng.randint(0, 1)
+    after = {"startup": 0, "streaming": rng.randint(3, 110), "checkpoint": rng.randint(1, 8),
+             "validation": rng.randint(0, 10), "final_save": 0}[phase]
+    delay = rng.uniform(0.0, 0.02) if phase in ("checkpoint", "final_save") else 0.0
+    return f"{phase}:{victim}:{after}:{delay:.4f}"
+
+
+def _train(shell, name: str) -> object:
+    run(shell, ETL.format(name=name))
+    _, err = run(shell, TRAIN.format(name=name))
+    assert err is None, err
+    job = get_job(name)
+    assert job.state == "succeeded", job.error
+    return job
+
+
+def _final_step(job) -> int:
+    return max(e["step"] for e in job.events if e["kind"] in ("epoch", "checkpoint"))
+
+
+_UNFAULTED: dict[str, float] = {}
+
+
+def _unfaulted(shell) -> tuple[int, float]:
+    """The same job without a fault, trained once for all seeds."""
+    if not _UNFAULTED:
+        job = _train(shell, "unfaulted")
+        _UNFAULTED.update(steps=_final_step(job), loss=job.history[-1]["loss"])
+    return int(_UNFAULTED["steps"]), _UNFAULTED["loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_a_killed_worker_costs_at_most_one_interval(shell, monkeypatch, seed):
+    steps, loss = _unfaulted(shell)
+    point = failpoint(seed)
+    monkeypatch.setenv("TFOS_FAILPOINT", point)
+    job = _train(shell, f"fault{seed}")
+    attempts = sorted({e["attempt"] for e in job.events})
+    assert attempts == [1, 2], f"{point}: the worker should have died once ({attempts})"
+    first = [e for e in job.events if e["attempt"] == 1]
+    reached = max([e["step"] for e in first if e["kind"] in ("step", "epoch", "checkpoint")], default=0)
+    saved = max([e["step"] for e in first if e["kind"] == "checkpoint"], default=0)
+    resumed = next(e for e in job.events if e["attempt"] == 2 and e["kind"] == "training" and e["worker"] == 0)
+    assert resumed["initial_step"] == saved, f"{point}: resumed at {resumed['initial_step']}, not the latest {saved}"
+    assert reached - resumed["initial_step"] <= INTERVAL, f"{point}: lost {reached - saved} steps"
+    assert _final_step(job) == steps, f"{point}: {_final_step(job)} steps, the unfaulted run took {steps}"
+    final = job.history[-1]["loss"]
+    assert abs(final - loss) <= 0.1 * loss, f"{point}: final loss {final:.4g} vs {loss:.4g} unfaulted"
+    assert [r["epoch"] for r in job.history] == [1, 2, 3]
