@@ -1,21 +1,19 @@
 """Acceptance on a real Spark standalone cluster (a master and 2 workers x 2 cores on
 127.0.0.1), driven from a real kernel the way a notebook would be:
 
-- a PS job (1 PS + 2 workers) trains to a loss below 20% of its first epoch;
+- a PS job (1 PS + 2 workers) trains (the unfaulted run of the fault tests below);
 - the all-reduce job of the core issue, with a GPU per worker from fake GPU addresses
   (a discovery script): each TF process gets CUDA_VISIBLE_DEVICES = its task's GPU;
-- a worker's TF process killed mid-training: the job restarts from the latest
-  checkpoint, loses at most one checkpoint interval of steps, and ends with no PS
-  task left running.
+- fault injection in ps mode: a worker killed at a seeded moment of each phase (five
+  seeds, see test_faults.py) restarts from the latest checkpoint, takes the unfaulted
+  run's step count, loses at most one interval, and ends with no PS task left.
 """
 
-import json
 import os
-import signal
-import time
 
 import pytest
-from conftest import regression_cell, tf_processes, tf_processes_gone
+from conftest import regression_cell, tf_processes_gone
+from test_faults import _final_step, failpoint
 from jupyter_client.manager import start_new_kernel
 
 from tfos_magic import get_job
@@ -28,6 +26,19 @@ df = spark.range({rows}).select(*[F.rand(seed=i).alias(f"x{{i}}") for i in range
 df.withColumn("y", 2 * F.col("x0") - 3 * F.col("x1") + 0.5 * F.col("x2") + F.col("x3") + 1.0)
 """
 MODEL = regression_cell(inputs=4, hidden=16, learning_rate=0.003)
+INTERVAL = 40
+# A faster learner, so that each run (asynchronous SGD) ends at the noise floor, where
+# faulted and unfaulted runs can be compared.
+PS_MODEL = regression_cell(inputs=4, hidden=16, learning_rate=0.01)
+# With noise in the label, so that a converged loss is a stable band, and a validation set.
+ETL_VAL = """%%spark_etl {name}
+from pyspark.sql import functions as F
+df = spark.range(16000).select(*[F.rand(seed=i).alias(f"x{{i}}") for i in range(4)])
+df = df.withColumn("y", 2 * F.col("x0") - 3 * F.col("x1") + 0.5 * F.col("x2") + F.col("x3") + 1.0
+                   + 0.1 * F.randn(seed=9))
+val = df.limit(1500)
+df
+"""
 
 
 class Kernel:
@@ -67,20 +78,6 @@ def _loss_drop(job):
     return hist[-1]["loss"] / hist[0]["loss"]
 
 
-def test_ps_job_on_a_standalone_cluster(cluster_kernel):
-    kernel, home = cluster_kernel
-    reply, out = kernel.run(ETL.format(name="ps_sa", rows=40000))
-    assert reply["status"] == "ok", out
-    reply, out = kernel.run("%%tf_train ps_sa --strategy ps --ps 1 --workers 2 --epochs 3 --batch-size 64 "
-                            "--label y --restart\n" + MODEL)
-    assert reply["status"] == "ok", out
-    job = get_job("ps_sa", home)
-    assert job.state == "succeeded", job.error
-    assert _loss_drop(job) < 0.2, job.history
-    roles = {(e.get("role"), e["worker"]) for e in job.events if e["kind"] == "started"}
-    assert roles == {("ps", 0), ("worker", 0), ("worker", 1)}
-
-
 def test_allreduce_job_on_a_standalone_cluster(cluster_kernel):
     kernel, home = cluster_kernel
     reply, out = kernel.run(ETL.format(name="ar_sa", rows=100000))
@@ -95,37 +92,54 @@ def test_allreduce_job_on_a_standalone_cluster(cluster_kernel):
     assert len(gpus) == 2 and all(g in {"0", "1", "2", "3"} for g in gpus) and gpus[0] != gpus[1], gpus
 
 
-def test_killed_worker_restarts_from_the_latest_checkpoint(cluster_kernel):
-    kernel, home = cluster_kernel
-    interval = 40
-    reply, out = kernel.run(ETL.format(name="kill_sa", rows=60000))
+def _ps_run(kernel, home, name, point=None):
+    """A ps job (1 PS, 2 workers) with validation, killed at `point` (a failpoint) if given."""
+    reply, out = kernel.run(ETL_VAL.format(name=name))
     assert reply["status"] == "ok", out
-    msg_id = kernel.kc.execute(
-        f"%%tf_train kill_sa --strategy ps --ps 1 --workers 2 --epochs 3 --batch-size 32 --label y --restart "
-        f"--checkpoint-every-steps {interval}\n" + MODEL)
-    metrics = os.path.join(home, "jobs", "kill_sa", "metrics.jsonl")
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        events = [json.loads(line) for line in open(metrics)] if os.path.exists(metrics) else []
-        if sum(e["kind"] == "checkpoint" for e in events) >= 2:
-            break
-        time.sleep(0.3)
-    else:
-        pytest.fail("training did not reach two checkpoints")
-    victims = tf_processes("tfos-kill_sa-worker1-")
-    assert len(victims) == 1
-    victims[0].send_signal(signal.SIGKILL)
-    reply = kernel.kc.get_shell_msg(timeout=600)
-    assert reply["parent_header"]["msg_id"] == msg_id
-    job = get_job("kill_sa", home)
-    assert reply["content"]["status"] == "ok", job.error
-    assert job.state == "succeeded" and [h["epoch"] for h in job.history] == [1, 2, 3]
-    events = job.events
-    before = max(e["step"] for e in events if e["kind"] in ("step", "checkpoint") and e["attempt"] == 1)
-    resumed = [e for e in events if e["kind"] == "training" and e["attempt"] == 2 and e["worker"] == 0]
-    assert resumed, "the job restarted as attempt 2"
-    assert resumed[0]["initial_step"] > 0 and resumed[0]["restored_from"]
-    assert before - resumed[0]["initial_step"] <= interval, (before, resumed[0])
-    assert tf_processes_gone("tfos-kill_sa-ps"), "no PS task is left running"
+    reply, out = kernel.run(f"import os\nos.environ.pop('TFOS_FAILPOINT', None)\n"
+                            + (f"os.environ['TFOS_FAILPOINT'] = {point!r}" if point else ""))
+    assert reply["status"] == "ok", out
+    reply, out = kernel.run(f"%%tf_train {name} --strategy ps --ps 1 --workers 2 --epochs 3 --batch-size 32 "
+                            f"--label y --validation-df val --restart --checkpoint-every-steps {INTERVAL}\n"
+                            + PS_MODEL)
+    assert reply["status"] == "ok", out
+    job = get_job(name, home)
+    assert job.state == "succeeded", job.error
+    return job
+
+
+_UNFAULTED: dict = {}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_ps_job_survives_a_killed_worker(cluster_kernel, seed):
+    """Fault injection in ps mode (see test_faults.py): a worker killed at a seeded moment of
+    each phase; the job restarts from the latest checkpoint, takes the unfaulted run's
+    number of steps, loses at most one interval, and reaches its final loss band."""
+    kernel, home = cluster_kernel
+    if not _UNFAULTED:  # the unfaulted run is also the ps acceptance: it trains, with all its tasks
+        base = _ps_run(kernel, home, "ps_base")
+        assert _loss_drop(base) < 0.5, base.history
+        roles = {(e.get("role"), e["worker"]) for e in base.events if e["kind"] == "started"}
+        assert roles == {("ps", 0), ("worker", 0), ("worker", 1)}
+        _UNFAULTED.update(steps=_final_step(base), loss=base.history[-1]["val_loss"])
+    point = failpoint(seed, ps=True)
+    job = _ps_run(kernel, home, f"ps_fault{seed}", point)
+    assert sorted({e["attempt"] for e in job.events}) == [1, 2], f"{point}: one fault, one restart"
+    first = [e for e in job.events if e["attempt"] == 1]
+    reached = max([e["step"] for e in first if e["kind"] in ("step", "epoch", "checkpoint")], default=0)
+    saved = max([e["step"] for e in first if e["kind"] == "checkpoint"], default=0)
+    resumed = next(e for e in job.events if e["attempt"] == 2 and e["kind"] == "training" and e["worker"] == 0)
+    assert resumed["initial_step"] >= saved, f"{point}: resumed at {resumed['initial_step']}, before {saved}"
+    assert reached - resumed["initial_step"] <= INTERVAL, f"{point}: lost {reached - resumed['initial_step']} steps"
+    # Asynchronous workers: the last step reported may trail the shared count by a step in
+    # flight on the other worker, and a save reads the global step and each worker's batch
+    # count while the other worker trains, so each can be a step apart (all-reduce, which
+    # is synchronous, must match exactly: test_faults.py).
+    assert abs(_final_step(job) - _UNFAULTED["steps"]) <= 2 * 2, \
+        f"{point}: {_final_step(job)} steps vs {_UNFAULTED['steps']} unfaulted"
+    final = job.history[-1]["val_loss"]
+    assert abs(final - _UNFAULTED["loss"]) <= 0.1 * _UNFAULTED["loss"], f"{point}: final loss {final:.4g}"
+    assert tf_processes_gone(f"tfos-ps_fault{seed}-ps"), "no PS task is left running"
     reply, out = kernel.run("assert spark.sparkContext.statusTracker().getActiveJobsIds() == []")
     assert reply["status"] == "ok", out

@@ -2,8 +2,9 @@
 each phase of a run: start-up, the first epoch while Spark still streams, mid-checkpoint,
 validation and the final save (tfprocess/failpoints.py). Every run must restart from its
 latest checkpoint, end with the unfaulted run's total step count, lose at most one
-checkpoint interval of steps, and reach a final loss within 10% of the unfaulted run's.
-All-reduce on local Spark; ps mode on the standalone cluster is in test_cluster.py."""
+checkpoint interval of steps, and reach a final validation loss within 10% of the unfaulted
+run's.
+All-reduce on local Spark here; ps mode on the standalone cluster in test_cluster.py."""
 
 import random
 
@@ -27,11 +28,14 @@ TRAIN = (f"%%tf_train {{name}} --workers 2 --epochs 3 --batch-size 64 --label y 
          + regression_cell(inputs=4, hidden=16, learning_rate=0.01))
 
 
-def failpoint(seed: int) -> str:
-    """The seed's phase (seeds 1-5 cover the five), victim worker and moment within it."""
+def failpoint(seed: int, ps: bool = False) -> str:
+    """The seed's phase (seeds 1-5 cover the five), victim worker and moment within it.
+    In ps mode only the chief saves (checkpoints, the model), so those faults hit the chief."""
     rng = random.Random(seed)
     phase = PHASES[(seed - 1) % len(PHASES)]
     victim = rng.randint(0, 1)
+    if ps and phase in ("checkpoint", "final_save"):
+        victim = 0
     after = {"startup": 0, "streaming": rng.randint(3, 110), "checkpoint": rng.randint(1, 8),
              "validation": rng.randint(0, 10), "final_save": 0}[phase]
     delay = rng.uniform(0.0, 0.02) if phase in ("checkpoint", "final_save") else 0.0
@@ -58,7 +62,7 @@ def _unfaulted(shell) -> tuple[int, float]:
     """The same job without a fault, trained once for all seeds."""
     if not _UNFAULTED:
         job = _train(shell, "unfaulted")
-        _UNFAULTED.update(steps=_final_step(job), loss=job.history[-1]["loss"])
+        _UNFAULTED.update(steps=_final_step(job), loss=job.history[-1]["val_loss"])
     return int(_UNFAULTED["steps"]), _UNFAULTED["loss"]
 
 
@@ -75,9 +79,11 @@ def test_a_killed_worker_costs_at_most_one_interval(shell, monkeypatch, seed):
     reached = max([e["step"] for e in first if e["kind"] in ("step", "epoch", "checkpoint")], default=0)
     saved = max([e["step"] for e in first if e["kind"] == "checkpoint"], default=0)
     resumed = next(e for e in job.events if e["attempt"] == 2 and e["kind"] == "training" and e["worker"] == 0)
-    assert resumed["initial_step"] == saved, f"{point}: resumed at {resumed['initial_step']}, not the latest {saved}"
-    assert reached - resumed["initial_step"] <= INTERVAL, f"{point}: lost {reached - saved} steps"
+    # At least the latest checkpoint it reported (a save the kill cut short before its
+    # event went out may be newer, and is then the one restored).
+    assert resumed["initial_step"] >= saved, f"{point}: resumed at {resumed['initial_step']}, before {saved}"
+    assert reached - resumed["initial_step"] <= INTERVAL, f"{point}: lost {reached - resumed['initial_step']} steps"
     assert _final_step(job) == steps, f"{point}: {_final_step(job)} steps, the unfaulted run took {steps}"
-    final = job.history[-1]["loss"]
+    final = job.history[-1]["val_loss"]
     assert abs(final - loss) <= 0.1 * loss, f"{point}: final loss {final:.4g} vs {loss:.4g} unfaulted"
     assert [r["epoch"] for r in job.history] == [1, 2, 3]

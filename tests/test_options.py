@@ -44,6 +44,8 @@ def test_line_beats_stored_run_beats_environment_beats_default():
 def test_ps_count_follows_the_strategy():
     assert options_from(_parse("--strategy ps"), env={}).ps == 1
     assert options_from(_parse("--ps 3"), env={}).ps == 0, "no PS tasks in all-reduce mode"
+    with pytest.raises(TfosError, match="--ps 1"):
+        options_from(_parse("--strategy ps --ps 0"), env={})
 
 
 @pytest.mark.parametrize("line, flag", [("--workers 0", "--workers"), ("--epochs -1", "--epochs"),

@@ -7,6 +7,7 @@ Thin on purpose: parse the line and call the job API (api.py). The `%%tf_train` 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -127,4 +128,9 @@ class TfosMagics(Magics):
             hist = job.history
             last = ", ".join(f"{k}={v:.4g}" for k, v in hist[-1].items()
                              if k != "epoch" and isinstance(v, (int, float))) if hist else ""
+            state = self.store.read_state(n) or {}
+            if state.get("state") == "interrupted":  # its kernel died: say when, and how to go on
+                at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.get("interrupted_at") or 0))
+                note = f"kernel lost, last heartbeat {at}; %tfos_resume {n} continues it"
+                last = note + (f"; {last}" if last else "")
             print(f"{n:24} {job.state:11} {len(hist):>6}  {last}")

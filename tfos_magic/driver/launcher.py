@@ -29,7 +29,7 @@ from .columns import prepare
 from .observers import JobObserver
 from .registry import EmbeddedRegistry, ZooKeeperView
 from .slots import check_slots
-from .supervisor import AttemptFailed, JobStopped, RunMonitor, SparkJob, StopControl, run_attempt
+from .supervisor import AttemptFailed, JobStopped, RunMonitor, SparkJob, StopControl, is_secondary, run_attempt
 
 log = logging.getLogger(__name__)
 
@@ -245,13 +245,17 @@ def _interrupt_raises_only() -> Iterator[None]:
 
 
 def _forwarding_stop(channel: DriverChannel, name: str, sink: Callable[[dict[str, Any]], None]):
-    """The job's event sink, which also passes the chief's stop step on to every TF process
-    at once, from the channel's thread (tfprocess/stopping.py)."""
+    """The job's event sink, which also acts at once, from the channel's thread: it passes
+    the chief's stop step on to every TF process (tfprocess/stopping.py), and halts them
+    all on a task's own error, so that no worker trains on (in ps mode, alone) into steps
+    the restart will throw away while the attempt is being torn down."""
 
     def forward(event: dict[str, Any]) -> None:
         sink(event)
         if event.get("kind") == "stopping" and event.get("step") is not None:
             channel.control(name, {"control": "stop_at", "step": int(event["step"])})
+        elif event.get("kind") == "error" and not is_secondary(str(event.get("message", ""))):
+            channel.control(name, {"control": "halt"})
 
     return forward
 

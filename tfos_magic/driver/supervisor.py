@@ -33,6 +33,11 @@ PROGRESS_KINDS = frozenset({"started", "training", "step", "epoch", "checkpoint"
 _SECONDARY = re.compile(r"Collective ops is aborted|UnavailableError|CancelledError|unhealthy|Socket closed")
 
 
+def is_secondary(message: str) -> bool:
+    """A peer's complaint that a collective or a connection broke: a symptom, not a cause."""
+    return bool(_SECONDARY.search(message))
+
+
 @dataclass(frozen=True)
 class TaskError:
     """One task's error report: the message, whether a restart may help, and where its

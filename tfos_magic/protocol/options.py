@@ -117,7 +117,10 @@ def shown_default(f: dataclasses.Field, quote: str = "$") -> str:
     meta = f.metadata
     if meta["shown_default"]:
         return meta["shown_default"]
-    plain = "" if f.default is None or f.default is False else f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
+    if f.default is None or f.default is False:
+        plain = ""
+    else:
+        plain = f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
     if meta["env"]:
         name = f"{quote}{meta['env']}" + ("`" if quote == "`" else "")
         return f"{name}, else {plain}" if plain else name
@@ -142,8 +145,8 @@ def options_from(args: argparse.Namespace | dict[str, Any], base: TrainOptions |
             except ValueError:
                 raise TfosError(f"${meta['env']}={raw!r} is not a valid {flag(f.name)} value.") from None
         values[f.name] = f.default if value is None else value
-    if values["strategy"] == "ps" and not values["ps"]:
-        values["ps"] = 1
+    if values["strategy"] == "ps" and given.get("ps") is None and not (base and base.ps):
+        values["ps"] = 1  # the default in ps mode; an explicit --ps 0 is refused by check()
     if values["strategy"] != "ps":
         values["ps"] = 0
     return TrainOptions(**values).check()

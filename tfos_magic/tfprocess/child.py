@@ -77,8 +77,13 @@ def run(config: TaskConfig) -> dict[str, Any]:
     plan, role, index = config.plan, config.role, config.index
     stop = StopSignal(is_chief=role == "worker" and index == 0, lockstep=plan.options.strategy != "ps",
                       announce=lambda step: channel.send(make_event("stopping", index, role=role, step=step)))
+    def on_control(message: dict[str, Any]) -> None:
+        if message.get("control") == "halt":  # a peer failed: this attempt is over
+            _fenced(config.result_path)
+        stop.on_control(message)
+
     channel = ChannelClient(plan.channel_address, plan.job, plan.token, on_close=lambda: _fenced(config.result_path),
-                            on_control=stop.on_control)
+                            on_control=on_control)
     if not channel.connected:
         return {"status": "error", "error": f"TF {role} {index} {channel.error}. The executors must reach the "
                 "notebook's host: set TFOS_DRIVER_HOST (or spark.driver.host) to an address they can reach."}

@@ -117,6 +117,11 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
     with ctx.strategy.scope():
         step_var = tf.compat.v1.train.get_or_create_global_step()
         epoch_var = tf.compat.v1.Variable(0, dtype=tf.int64, trainable=False, name="tfos_epoch")
+        # Each worker's [epoch, batches taken in it], kept on the PS and in checkpoints:
+        # workers are asynchronous, so only this says where each one resumes.
+        progress = tf.compat.v1.Variable(tf.zeros([ctx.num_workers, 2], tf.int64), trainable=False,
+                                         name="tfos_worker_progress")
+        me = ctx.worker_index
         model = build_model()
         if not isinstance(model, tf.keras.Model) or getattr(model, "optimizer", None) is None:
             raise TfosError("build_model() must return a compiled tf.keras model (call model.compile first).")
@@ -138,7 +143,11 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
             raise TfosError("The loss does not depend on any trainable weight of the model, so training would "
                             "change nothing. Check that the model's output feeds the loss.")
         updates = model.optimizer.get_updates(loss, weights)
-        train_op = tf.group(*updates, *model.get_updates_for(None), step_var.assign_add(1))
+        train_op = tf.group(*updates, *model.get_updates_for(None), step_var.assign_add(1),
+                            tf.compat.v1.scatter_nd_add(progress, [[me, 1]], tf.constant([1], tf.int64)))
+        epoch_now = tf.compat.v1.placeholder(tf.int64, ())
+        begin_epoch = tf.compat.v1.scatter_nd_update(progress, [[me, 0], [me, 1]],
+                                                     tf.stack([epoch_now, tf.constant(0, tf.int64)]))
         val = ctx.validation_dataset()
         if val is not None:
             val_it = tf.compat.v1.data.make_initializable_iterator(val)
@@ -148,15 +157,22 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
         next_epoch = epoch_var.assign(finished_epochs)
     sess = ctx.session(tf.compat.v1.train.Saver(max_to_keep=3))
     tf.compat.v1.keras.backend.set_session(sess)
-    step, initial_epoch = (int(v) for v in sess.run([step_var, epoch_var]))
+    step, initial_epoch, mine = sess.run([step_var, epoch_var, progress[me]])
+    step, initial_epoch = int(step), int(initial_epoch)
+    # Resumed: this worker goes on in its own epoch, after the batches it had taken there.
+    first_epoch, done_in_epoch = (int(mine[0]), int(mine[1])) if step else (0, 0)
+    if done_in_epoch:
+        ctx.feed.skip_next_pass(done_in_epoch * ctx.batch_size)
     ctx.send("training", initial_step=step, initial_epoch=initial_epoch,
-             restored_from=ctx.restored_from if step else None)
+             restored_from=ctx.restored_from if step else None, skipped_steps=done_in_epoch)
     throttle = Throttle(1.0)
     last_saved = step
     # TensorBoard event files for `%tensorboard --logdir`, written by the chief.
     board = (tf.compat.v1.summary.FileWriter(ctx.log_dir)
              if ctx.is_chief and ctx.log_dir and tensorboard_installed() else None)
-    for epoch in range(initial_epoch, ctx.epochs):
+    for epoch in range(first_epoch, ctx.epochs):
+        if not (epoch == first_epoch and done_in_epoch):
+            sess.run(begin_epoch, feed_dict={epoch_now: epoch})
         sess.run(data.initializer)
         total, steps, rows0, t0 = 0.0, 0, ctx.feed.rows_delivered, time.monotonic()
         while True:
@@ -177,11 +193,10 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
             if every and ctx.is_chief and step - last_saved >= every:
                 ctx.save(sess, int(step), epoch=epoch)
                 last_saved = step
-        metrics = {"loss": total / max(steps, 1),
+        metrics = {"loss": total / steps if steps else None,  # None: all its steps came before a restart
                    "rows_per_s": (ctx.feed.rows_delivered - rows0) / (time.monotonic() - t0)}
         if val is not None:
-            ctx.failpoint.hit("validation")
-            metrics["val_loss"] = _evaluate(sess, val_it, val_loss)
+            metrics["val_loss"] = _evaluate(sess, val_it, val_loss, lambda: ctx.failpoint.hit("validation"))
         ctx.report(step=int(step), epoch=epoch + 1, **metrics)
         _scalars(board, int(step), **{f"epoch_{k}": v for k, v in metrics.items()})
         if ctx.is_chief:
@@ -235,12 +250,13 @@ def _match_ranks(y: Any, pred: Any) -> tuple[Any, Any]:
     return tf.cast(y, pred.dtype) if y.dtype != pred.dtype and y.dtype.is_floating else y, pred
 
 
-def _evaluate(sess: Any, iterator: Any, loss: Any) -> float:
+def _evaluate(sess: Any, iterator: Any, loss: Any, each: Callable[[], None] = lambda: None) -> float:
     sess.run(iterator.initializer)
     total, n = 0.0, 0
     while True:
         try:
             total, n = total + float(sess.run(loss)), n + 1
+            each()
         except tf.errors.OutOfRangeError:
             return total / max(n, 1)
 
