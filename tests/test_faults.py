@@ -55,6 +55,25 @@ def _final_step(job) -> int:
     return max(e["step"] for e in job.events if e["kind"] in ("epoch", "checkpoint"))
 
 
+def check_recovery(job, point: str, steps: int, loss: float, step_slack: int = 0, interval: int = INTERVAL) -> None:
+    """One fault, one restart from (at least) the latest checkpoint reported, at most one
+    interval of steps lost, the unfaulted run's step count (within `step_slack`) and its
+    final validation loss within 10%."""
+    attempts = sorted({e["attempt"] for e in job.events})
+    assert attempts == [1, 2], f"{point}: the worker should have died once ({attempts})"
+    first = [e for e in job.events if e["attempt"] == 1]
+    reached = max([e["step"] for e in first if e["kind"] in ("step", "epoch", "checkpoint")], default=0)
+    saved = max([e["step"] for e in first if e["kind"] == "checkpoint"], default=0)
+    resumed = next(e for e in job.events if e["attempt"] == 2 and e["kind"] == "training" and e["worker"] == 0)
+    # At least the latest checkpoint it reported (a save the kill cut short before its
+    # event went out may be newer, and is then the one restored).
+    assert resumed["initial_step"] >= saved, f"{point}: resumed at {resumed['initial_step']}, before {saved}"
+    assert reached - resumed["initial_step"] <= interval, f"{point}: lost {reached - resumed['initial_step']} steps"
+    assert abs(_final_step(job) - steps) <= step_slack, f"{point}: {_final_step(job)} steps, unfaulted {steps}"
+    final = job.history[-1]["val_loss"]
+    assert abs(final - loss) <= 0.1 * loss, f"{point}: final loss {final:.4g} vs {loss:.4g} unfaulted"
+
+
 _UNFAULTED: dict[str, float] = {}
 
 
@@ -73,17 +92,5 @@ def test_a_killed_worker_costs_at_most_one_interval(shell, monkeypatch, seed):
     point = failpoint(seed)
     monkeypatch.setenv("TFOS_FAILPOINT", point)
     job = _train(shell, f"fault{seed}")
-    attempts = sorted({e["attempt"] for e in job.events})
-    assert attempts == [1, 2], f"{point}: the worker should have died once ({attempts})"
-    first = [e for e in job.events if e["attempt"] == 1]
-    reached = max([e["step"] for e in first if e["kind"] in ("step", "epoch", "checkpoint")], default=0)
-    saved = max([e["step"] for e in first if e["kind"] == "checkpoint"], default=0)
-    resumed = next(e for e in job.events if e["attempt"] == 2 and e["kind"] == "training" and e["worker"] == 0)
-    # At least the latest checkpoint it reported (a save the kill cut short before its
-    # event went out may be newer, and is then the one restored).
-    assert resumed["initial_step"] >= saved, f"{point}: resumed at {resumed['initial_step']}, before {saved}"
-    assert reached - resumed["initial_step"] <= INTERVAL, f"{point}: lost {reached - resumed['initial_step']} steps"
-    assert _final_step(job) == steps, f"{point}: {_final_step(job)} steps, the unfaulted run took {steps}"
-    final = job.history[-1]["val_loss"]
-    assert abs(final - loss) <= 0.1 * loss, f"{point}: final loss {final:.4g} vs {loss:.4g} unfaulted"
+    check_recovery(job, point, steps, loss)
     assert [r["epoch"] for r in job.history] == [1, 2, 3]
