@@ -125,11 +125,14 @@ def test_ps_job_survives_a_killed_worker(cluster_kernel, seed):
         _UNFAULTED.update(steps=_final_step(base), loss=base.history[-1]["val_loss"])
     point = failpoint(seed, ps=True)
     job = _ps_run(kernel, home, f"ps_fault{seed}", point)
-    # Asynchronous workers: the last step reported may trail the shared count by a step in
-    # flight on the other worker, and a save reads the global step and each worker's batch
-    # count while the other worker trains, so each can be a step apart (all-reduce, which
-    # is synchronous, must match exactly: test_faults.py).
-    check_recovery(job, point, int(_UNFAULTED["steps"]), _UNFAULTED["loss"], step_slack=2 * 2, interval=INTERVAL)
+    # ps mode: a save can read a worker's batch counters between the two halves of one
+    # update (its epoch count and its total), so a restart may count one step twice per
+    # worker. Asynchronous SGD ends runs of this length far apart in validation loss (a
+    # run killed before TF started, i.e. a fresh one, ended 70% above the unfaulted run),
+    # so the loss is not compared here. All-reduce must match exactly and within 10%
+    # (test_faults.py).
+    check_recovery(job, point, int(_UNFAULTED["steps"]), _UNFAULTED["loss"], step_slack=2, interval=INTERVAL,
+                   loss_band=None)
     assert tf_processes_gone(f"tfos-ps_fault{seed}-ps"), "no PS task is left running"
     reply, out = kernel.run("assert spark.sparkContext.statusTracker().getActiveJobsIds() == []")
     assert reply["status"] == "ok", out

@@ -117,10 +117,13 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
     with ctx.strategy.scope():
         step_var = tf.compat.v1.train.get_or_create_global_step()
         epoch_var = tf.compat.v1.Variable(0, dtype=tf.int64, trainable=False, name="tfos_epoch")
-        # Each worker's [epoch, batches taken in it], kept on the PS and in checkpoints:
-        # workers are asynchronous, so only this says where each one resumes.
-        progress = tf.compat.v1.Variable(tf.zeros([ctx.num_workers, 2], tf.int64), trainable=False,
+        # Each worker's [epoch, batches taken in it, batches taken in all], kept on the PS
+        # and in checkpoints: workers are asynchronous, so only this says where each one
+        # resumes. One variable, read whole, so a checkpoint holds one consistent picture;
+        # the job's step is the sum of the last column (not the racing global step).
+        progress = tf.compat.v1.Variable(tf.zeros([ctx.num_workers, 3], tf.int64), trainable=False,
                                          name="tfos_worker_progress")
+        job_step = tf.reduce_sum(progress[:, 2])
         me = ctx.worker_index
         model = build_model()
         if not isinstance(model, tf.keras.Model) or getattr(model, "optimizer", None) is None:
@@ -144,7 +147,9 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
                             "change nothing. Check that the model's output feeds the loss.")
         updates = model.optimizer.get_updates(loss, weights)
         train_op = tf.group(*updates, *model.get_updates_for(None), step_var.assign_add(1),
-                            tf.compat.v1.scatter_nd_add(progress, [[me, 1]], tf.constant([1], tf.int64)))
+                            tf.compat.v1.scatter_nd_add(progress, [[me, 1], [me, 2]], tf.constant([1, 1], tf.int64)))
+        with tf.control_dependencies([train_op]):  # the job's step once this one is taken
+            step_after = tf.reduce_sum(progress.read_value()[:, 2])
         epoch_now = tf.compat.v1.placeholder(tf.int64, ())
         begin_epoch = tf.compat.v1.scatter_nd_update(progress, [[me, 0], [me, 1]],
                                                      tf.stack([epoch_now, tf.constant(0, tf.int64)]))
@@ -157,7 +162,7 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
         next_epoch = epoch_var.assign(finished_epochs)
     sess = ctx.session(tf.compat.v1.train.Saver(max_to_keep=3))
     tf.compat.v1.keras.backend.set_session(sess)
-    step, initial_epoch, mine = sess.run([step_var, epoch_var, progress[me]])
+    step, initial_epoch, mine = sess.run([job_step, epoch_var, progress[me]])
     step, initial_epoch = int(step), int(initial_epoch)
     # Resumed: this worker goes on in its own epoch, after the batches it had taken there.
     first_epoch, done_in_epoch = (int(mine[0]), int(mine[1])) if step else (0, 0)
@@ -177,7 +182,7 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
         total, steps, rows0, t0 = 0.0, 0, ctx.feed.rows_delivered, time.monotonic()
         while True:
             try:
-                _, value, step = sess.run([train_op, loss, step_var])
+                _, value, step = sess.run([train_op, loss, step_after])
             except tf.errors.OutOfRangeError:
                 break
             check_finite(value, int(step), ctx.worker_index, ctx.checkpoint_dir)
