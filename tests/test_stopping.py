@@ -7,7 +7,6 @@ from tfos_magic.tfprocess.stopping import MIN_LEAD_STEPS, StopSignal
 def test_nothing_stops_without_a_request():
     signal = StopSignal(is_chief=True, announce=lambda step: None)
     assert not any(signal.should_stop(step) for step in range(100))
-    assert not signal.requested
 
 
 def test_chief_announces_a_step_ahead_and_every_worker_stops_there():

@@ -124,13 +124,12 @@ class TfosMagics(Magics):
             return
         print(f"{'job':24} {'state':11} {'epochs':>6}  last metrics")
         for n in names:
-            job = Job(n, self.store)
-            hist = job.history
+            hist = Job(n, self.store).history
             last = ", ".join(f"{k}={v:.4g}" for k, v in hist[-1].items()
                              if k != "epoch" and isinstance(v, (int, float))) if hist else ""
-            state = self.store.read_state(n) or {}
+            state = self.store.read_state(n) or {}  # read once: reconciled (interrupted) as Job.state is
             if state.get("state") == "interrupted":  # its kernel died: say when, and how to go on
                 at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.get("interrupted_at") or 0))
                 note = f"kernel lost, last heartbeat {at}; %tfos_resume {n} continues it"
                 last = note + (f"; {last}" if last else "")
-            print(f"{n:24} {job.state:11} {len(hist):>6}  {last}")
+            print(f"{n:24} {state.get('state', 'registered'):11} {len(hist):>6}  {last}")

@@ -193,7 +193,7 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
                 monitor.new_attempt(attempt)
                 # A fresh token per attempt: registering it closes the previous attempt's channel,
                 # which makes any of its TF processes still alive exit at once.
-                token = channel.register(name, _forwarding_stop(channel, name, monitor.sink_for(attempt)), requests)
+                token = channel.register(name, _acting_sink(channel, name, monitor.sink_for(attempt)), requests)
                 group = f"tfos-{name}-run{run}-a{attempt}"
                 store.write_state(name, attempt=attempt, job_group=group)
                 observers.on_event({"kind": "attempt", "attempt": attempt, "job_group": group})
@@ -244,7 +244,7 @@ def _interrupt_raises_only() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _forwarding_stop(channel: DriverChannel, name: str, sink: Callable[[dict[str, Any]], None]):
+def _acting_sink(channel: DriverChannel, name: str, sink: Callable[[dict[str, Any]], None]):
     """The job's event sink, which also acts at once, from the channel's thread: it passes
     the chief's stop step on to every TF process (tfprocess/stopping.py), and halts them
     all on a task's own error, so that no worker trains on (in ps mode, alone) into steps

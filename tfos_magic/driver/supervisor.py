@@ -104,7 +104,7 @@ class RunMonitor:
                 self.stop_saved = str(event.get("path"))
             elif event.get("kind") == "error":
                 message = f"{role} {event.get('worker')}: {event.get('message')}"
-                retryable = bool(event.get("retryable")) or bool(_SECONDARY.search(message))
+                retryable = bool(event.get("retryable")) or is_secondary(message)
                 self.errors.append(TaskError(message, retryable, event.get("details_file")))
 
     def _note_progress(self, event: dict[str, Any], role: str) -> None:
@@ -150,7 +150,7 @@ class RunMonitor:
 
     def root_error(self) -> TaskError | None:
         """The first error that is a cause, not a peer's complaint that a collective broke."""
-        causes = [e for e in self.errors if not _SECONDARY.search(e.message)]
+        causes = [e for e in self.errors if not is_secondary(e.message)]
         return (causes or self.errors or [None])[0]
 
     def retryable(self) -> bool:

@@ -43,11 +43,6 @@ class StopSignal:
         self._announced = False
         self._first: tuple[float, int] | None = None
 
-    @property
-    def requested(self) -> bool:
-        """Whether the notebook asked this job to stop."""
-        return self._requested.is_set() or self._at is not None
-
     def on_control(self, message: dict[str, Any]) -> None:
         """Called from the channel's listening thread."""
         if message.get("control") == "stop":
