@@ -30,12 +30,16 @@ INTERVAL = 40
 # A faster learner, so that each run (asynchronous SGD) ends at the noise floor, where
 # faulted and unfaulted runs can be compared.
 PS_MODEL = regression_cell(inputs=4, hidden=16, learning_rate=0.01)
-# With noise in the label, so that a converged loss is a stable band, and a validation set.
+# With a validation set and enough noise in the label (variance 0.25) that a converged loss
+# is a stable band: Adam's jitter around the optimum (asynchronous SGD ends each run at a
+# different point) adds about the same excess loss at any noise level, so a larger floor
+# makes it small beside it.
+NOISE_FLOOR = 0.25
 ETL_VAL = """%%spark_etl {name}
 from pyspark.sql import functions as F
 df = spark.range(16000).select(*[F.rand(seed=i).alias(f"x{{i}}") for i in range(4)])
 df = df.withColumn("y", 2 * F.col("x0") - 3 * F.col("x1") + 0.5 * F.col("x2") + F.col("x3") + 1.0
-                   + 0.1 * F.randn(seed=9))
+                   + 0.5 * F.randn(seed=9))
 val = df.limit(1500)
 df
 """
@@ -119,20 +123,16 @@ def test_ps_job_survives_a_killed_worker(cluster_kernel, seed):
     kernel, home = cluster_kernel
     if not _UNFAULTED:  # the unfaulted run is also the ps acceptance: it trains, with all its tasks
         base = _ps_run(kernel, home, "ps_base")
-        assert _loss_drop(base) < 0.5, base.history
+        assert base.history[-1]["val_loss"] < 1.4 * NOISE_FLOOR, base.history  # it learnt the function
         roles = {(e.get("role"), e["worker"]) for e in base.events if e["kind"] == "started"}
         assert roles == {("ps", 0), ("worker", 0), ("worker", 1)}
         _UNFAULTED.update(steps=_final_step(base), loss=base.history[-1]["val_loss"])
     point = failpoint(seed, ps=True)
     job = _ps_run(kernel, home, f"ps_fault{seed}", point)
-    # ps mode: a save can read a worker's batch counters between the two halves of one
-    # update (its epoch count and its total), so a restart may count one step twice per
-    # worker. Asynchronous SGD ends runs of this length far apart in validation loss (a
-    # run killed before TF started, i.e. a fresh one, ended 70% above the unfaulted run),
-    # so the loss is not compared here. All-reduce must match exactly and within 10%
-    # (test_faults.py).
-    check_recovery(job, point, int(_UNFAULTED["steps"]), _UNFAULTED["loss"], step_slack=2, interval=INTERVAL,
-                   loss_band=None)
+    # One step of 1500 may differ in ps mode: seen once (a chief killed mid-save), where the
+    # last epoch after the restart took one more step than the unfaulted run; not explained
+    # yet (docs/fault-tolerance.md). All-reduce must match exactly (test_faults.py).
+    check_recovery(job, point, int(_UNFAULTED["steps"]), _UNFAULTED["loss"], interval=INTERVAL, step_slack=1)
     assert tf_processes_gone(f"tfos-ps_fault{seed}-ps"), "no PS task is left running"
     reply, out = kernel.run("assert spark.sparkContext.statusTracker().getActiveJobsIds() == []")
     assert reply["status"] == "ok", out

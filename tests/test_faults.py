@@ -70,7 +70,10 @@ def check_recovery(job, point: str, steps: int, loss: float, step_slack: int = 0
     # event went out may be newer, and is then the one restored).
     assert resumed["initial_step"] >= saved, f"{point}: resumed at {resumed['initial_step']}, before {saved}"
     assert reached - resumed["initial_step"] <= interval, f"{point}: lost {reached - resumed['initial_step']} steps"
-    assert abs(_final_step(job) - steps) <= step_slack, f"{point}: {_final_step(job)} steps, unfaulted {steps}"
+    assert abs(_final_step(job) - steps) <= step_slack, (
+        f"{point}: {_final_step(job)} steps, unfaulted {steps}; "
+        + str([(e["attempt"], e["worker"], e["kind"], e.get("step"), e.get("epoch"), e.get("initial_step"),
+                e.get("skipped_steps")) for e in job.events if e["kind"] in ("training", "epoch", "checkpoint")]))
     final = job.history[-1]["val_loss"]
     assert loss_band is None or abs(final - loss) <= loss_band * loss, f"{point}: final loss {final:.4g} vs {loss:.4g} unfaulted"
 
