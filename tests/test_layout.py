@@ -1,6 +1,6 @@
 """The layout shows which process runs a line, and the imports keep it true.
 
-kernel (magics, session, driver/, job/, ui/) -> protocol/; task/ -> protocol/;
+kernel (magics, session, driver/, job/, ui/, examples/) -> protocol/; task/ -> protocol/;
 tfprocess/ -> protocol/; protocol/ -> nothing of the package but errors.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "tfos_magic"
 SIDES = {
-    "kernel": {"api", "magics", "session", "driver", "job", "ui", "__init__"},
+    "kernel": {"api", "magics", "session", "driver", "job", "ui", "examples", "__init__"},
     "task": {"task"},
     "tfprocess": {"tfprocess"},
     "shared": {"protocol", "errors"},
