@@ -210,6 +210,23 @@ def tf_processes(pattern: str = "tfos_magic.tfprocess.child") -> list:
     return found
 
 
+# A model over every kind of feature column: an integer id (embedded), a float array and
+# an ML vector, fed as a dict (test_training.py, test_predict.py).
+DICT_FEATURES_MODEL = """
+import tensorflow as tf
+
+def build_model():
+    cat = tf.keras.Input((), name="cat", dtype="int64")
+    arr = tf.keras.Input((2,), name="arr")
+    vec = tf.keras.Input((2,), name="vec")
+    emb = tf.keras.layers.Flatten()(tf.keras.layers.Embedding(10, 2)(cat))
+    out = tf.keras.layers.Dense(1)(tf.keras.layers.Concatenate()([emb, arr, vec]))
+    model = tf.keras.Model({"cat": cat, "arr": arr, "vec": vec}, out)
+    model.compile(optimizer=tf.keras.optimizers.Adam(0.05), loss="mse")
+    return model
+"""
+
+
 def regression_cell(inputs: int, hidden: int, learning_rate: float) -> str:
     """The train-cell body the end-to-end tests share: a small MLP regressor for `build_model()`."""
     return f"""

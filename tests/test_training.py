@@ -6,7 +6,7 @@ import os
 import re
 
 import pytest
-from conftest import run
+from conftest import DICT_FEATURES_MODEL, run
 
 from tfos_magic import JobFailed, get_job
 
@@ -21,19 +21,8 @@ val = df.limit(500)
 df
 """
 
-DICT_MODEL = """
+DICT_MODEL = DICT_FEATURES_MODEL + """
 import os
-import tensorflow as tf
-
-def build_model():
-    cat = tf.keras.Input((), name="cat", dtype="int64")
-    arr = tf.keras.Input((2,), name="arr")
-    vec = tf.keras.Input((2,), name="vec")
-    emb = tf.keras.layers.Flatten()(tf.keras.layers.Embedding(10, 2)(cat))
-    out = tf.keras.layers.Dense(1)(tf.keras.layers.Concatenate()([emb, arr, vec]))
-    model = tf.keras.Model({"cat": cat, "arr": arr, "vec": vec}, out)
-    model.compile(optimizer=tf.keras.optimizers.Adam(0.05), loss="mse")
-    return model
 
 def shutdown():
     open(os.path.join(MARKERS, f"shutdown-{os.getpid()}"), "w").close()

@@ -52,7 +52,8 @@ def auto_inputs(features: list[ColumnSpec]) -> str:
     return MATRIX if all(c.dtype == "float32" for c in features) else DICT
 
 
-def _cast(spec: ColumnSpec, dt: T.DataType):
+def cast_column(spec: ColumnSpec, dt: T.DataType):
+    """The column as the feed takes it (float32 or int64; a vector as a float array)."""
     col = F.col(f"`{spec.name}`")
     if _is_vector(dt):
         from pyspark.ml.functions import vector_to_array
@@ -113,9 +114,9 @@ def prepare(
                 f"The validation DataFrame lacks the columns {', '.join(absent)}; it needs the "
                 "same feature and label columns as the training DataFrame."
             )
-        cols = [_cast(c, frame_fields[c.name]) for c in feature_specs]
+        cols = [cast_column(c, frame_fields[c.name]) for c in feature_specs]
         if label_spec:
-            cols.append(_cast(label_spec, frame_fields[label_spec.name]))
+            cols.append(cast_column(label_spec, frame_fields[label_spec.name]))
         if split is not None:
             cols.append(F.lit(split).cast(T.ByteType()).alias(SPLIT_COLUMN))
         out = frame.select(*cols)

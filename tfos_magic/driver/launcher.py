@@ -170,7 +170,8 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
     state = store.write_state(
         name, state="running", run=run, attempt=1, started=time.time(), ended=None, error=None, error_file=None,
         checkpoint_dir=checkpoint_dir, workers=opts.workers, ps=opts.ps if opts.strategy == "ps" else 0,
-        epochs=opts.epochs, driver_pid=os.getpid(), driver_host=socket.gethostname())
+        epochs=opts.epochs, driver_pid=os.getpid(), driver_host=socket.gethostname(),
+        feed=feed.to_dict())  # how features were encoded: Job.predict encodes them the same way
     store.clear_stop_request(name)
     heartbeat = store.heartbeat(name)  # readers elsewhere tell a live run from a dead kernel's
     stop_event = _ACTIVE[name] = threading.Event()

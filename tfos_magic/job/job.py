@@ -96,3 +96,34 @@ class Job:
                 "returns its tf.keras model."
             )
         return tf_keras.models.load_model(path)
+
+    def _saved_model(self) -> dict[str, Any]:
+        saved = [e for e in self.store.events(self.name) if e.get("kind") == "model"]
+        if not saved:
+            raise TfosError(f"Job {self.name!r} has no trained model to use (state: {self.state}). A model is saved "
+                            "when a build_model() job finishes, or when train(ctx) returns its tf.keras model.")
+        return saved[-1]
+
+    def predict(self, df: Any, output_col: str = "prediction") -> Any:
+        """`df` with a column `output_col`: the trained model's prediction for each row.
+
+        It runs on the executors (`mapInArrow`, the model loaded once per Python worker),
+        with the features encoded as in training, and collects nothing to the driver: the
+        result is a lazy Spark DataFrame, to write or join like any other.
+        """
+        from ..driver.predict import predict, trained_feed
+
+        model = self._saved_model()
+        outputs = model.get("outputs", 1)
+        if outputs is None:
+            raise TfosError(f"Job {self.name!r}'s model has several outputs; Job.predict supports one. Use "
+                            "Job.load_model() and predict with it.")
+        spec = trained_feed(self._state, self.spec.options, df)
+        return predict(df, model["path"], spec, output_col, int(outputs), self.spec.options.fillna)
+
+    def export(self, path: str) -> str:
+        """Write the trained model as a TensorFlow SavedModel at `path` (any tf.io.gfile
+        path: local, HDFS, GCS or S3), for TF Serving or `tf.saved_model.load`."""
+        model = self.load_model()
+        model.save(path, save_format="tf", include_optimizer=False)
+        return path

@@ -13,10 +13,10 @@ import os
 import threading
 from typing import Any, BinaryIO, Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..protocol.arrays import BatchArrays
 from ..protocol.feed_spec import MATRIX, SPLIT_COLUMN, ColumnSpec, FeedError, FeedSpec, array_lengths
 
 
@@ -37,6 +37,7 @@ class ArrowFeed:
         self.rows_delivered = 0  # rows handed to tf.data, all passes
         self._skip_rows = 0
         self.last_pass_rows: int | None = None  # training rows the last finished pass delivered
+        self._arrays = BatchArrays(spec)
 
     # --- reading the stream -------------------------------------------
     def _write_spill(self, split: str, batch: pa.RecordBatch) -> None:
@@ -124,38 +125,9 @@ class ArrowFeed:
             yield from self._spilled(split)
 
     # --- to numpy and tf.data -----------------------------------------
-    def _values(self, batch: pa.RecordBatch, c: ColumnSpec) -> np.ndarray:
-        """A column as numpy: a zero-copy, read-only view of Arrow's buffer where possible."""
-        col = batch.column(c.name)
-        if c.is_array:
-            return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, self.spec.array_lengths[c.name])
-        return col.to_numpy(zero_copy_only=False)
-
-    def _column(self, batch: pa.RecordBatch, c: ColumnSpec) -> np.ndarray:
-        # Copy, always. TF wraps an aligned numpy array's memory without copying and may then
-        # write into it in place (buffer forwarding). Arrow's buffers are read-only: a later
-        # epoch's are pages of the memory-mapped spill file, so such a write was a SIGSEGV.
-        return np.array(self._values(batch, c), dtype=c.dtype, copy=True)
-
-    def _matrix(self, batch: pa.RecordBatch) -> np.ndarray:
-        """The features side by side, in column order, in one new float32 array (one copy)."""
-        widths = [self.spec.width(c) or 0 for c in self.spec.features]
-        out = np.empty((batch.num_rows, sum(widths)), np.float32)
-        at = 0
-        for c, w in zip(self.spec.features, widths):
-            out[:, at:at + w] = self._values(batch, c).reshape(batch.num_rows, w)
-            at += w
-        return out
-
     def to_numpy(self, batch: pa.RecordBatch) -> Any:
         """Tensors' worth of numpy arrays that own their (writable) memory, for tf.data."""
-        if self.spec.inputs == MATRIX:
-            x: Any = self._matrix(batch)
-        else:
-            x = {c.name: self._column(batch, c) for c in self.spec.features}
-        if self.spec.label is None:
-            return x
-        return x, self._column(batch, self.spec.label)
+        return self._arrays.to_numpy(batch)
 
     def element_spec(self) -> Any:
         import tensorflow as tf

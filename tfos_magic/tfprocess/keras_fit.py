@@ -147,7 +147,7 @@ def save_model(model: Any, ctx: TrainContext) -> None:
     if ctx.is_chief:
         path = ctx.checkpoint_path(MODEL_FILE)
         model.save(path)
-        ctx.send("model", path=path)
+        ctx.send("model", path=path, outputs=model_inputs.output_width(model))
         return
     with tempfile.TemporaryDirectory(prefix="tfos-model-") as tmp:
         model.save(os.path.join(tmp, MODEL_FILE))

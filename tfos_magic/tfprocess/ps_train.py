@@ -276,4 +276,4 @@ def save_model(model: Any, ctx: PSContext) -> None:
         local = os.path.join(tmp, MODEL_FILE)
         model.save(local)
         tf.io.gfile.copy(local, path, overwrite=True)
-    ctx.send("model", path=path)
+    ctx.send("model", path=path, outputs=model_inputs.output_width(model))

@@ -1,0 +1,69 @@
+"""Predictions back into Spark and SavedModel export, on the shared local[2] session.
+
+A job with every kind of feature column (an integer id, a float array, an ML vector)
+trains, then `Job.predict` scores a DataFrame on the executors: the result keeps every
+row and column, and its predictions equal `load_model().predict` on the same rows.
+`Job.export` writes a SavedModel whose serving signature gives the same numbers.
+"""
+
+import numpy as np
+import pytest
+from conftest import DICT_FEATURES_MODEL, run
+
+from tfos_magic import TfosError, get_job
+
+ETL = """%%spark_etl scored
+from pyspark.sql import functions as F
+from pyspark.ml.linalg import Vectors, VectorUDT
+base = spark.range(3000, numPartitions=3).select(F.col("id"), F.rand(1).alias("a"), F.rand(2).alias("b"))
+to_vec = F.udf(lambda a, b: Vectors.dense([a, b]), VectorUDT())
+df = base.select("id", (F.col("id") % 10).cast("int").alias("cat"), F.array("a", "b").alias("arr"),
+                 to_vec("a", "b").alias("vec"), (3 * F.col("a") - 2 * F.col("b") + 0.1 * (F.col("id") % 10)).alias("y"))
+df
+"""
+TRAIN = "%%tf_train scored --workers 1 --epochs 1 --batch-size 64 --label y --features cat,arr,vec\n" + DICT_FEATURES_MODEL
+
+
+def _inputs(rows) -> dict:
+    return {"cat": np.array([r["cat"] for r in rows], np.int64),
+            "arr": np.array([r["arr"] for r in rows], np.float32),
+            "vec": np.array([r["vec"].toArray() for r in rows], np.float32)}
+
+
+@pytest.fixture
+def scored(shell):
+    for cell in (ETL, TRAIN):
+        _, err = run(shell, cell)
+        assert err is None, err
+    return shell, get_job("scored")
+
+
+def test_predict_runs_on_the_executors_and_matches_the_model(scored, tmp_path):
+    shell, job = scored
+    df = shell.user_ns["df"]
+    out = job.predict(df)
+    assert out.columns == df.columns + ["prediction"]
+    assert "MapInArrow" in out._jdf.queryExecution().executedPlan().toString()
+    rows = out.orderBy("id").limit(300).collect()
+    assert out.count() == 3000 and len({r["id"] for r in rows}) == 300
+    expected = job.load_model().predict(_inputs(rows), verbose=0).reshape(-1)
+    got = np.array([r["prediction"] for r in rows], np.float32)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert np.std(got) > 0.1, "predictions should vary with the features"
+
+    # The same numbers from the exported SavedModel's serving signature.
+    path = job.export(str(tmp_path / "saved"))
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    served = list(serve(**{k: tf.constant(v) for k, v in _inputs(rows).items()}).values())[0].numpy().reshape(-1)
+    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_predict_names_what_is_wrong(scored):
+    shell, job = scored
+    df = shell.user_ns["df"]
+    with pytest.raises(TfosError, match="lacks the feature columns vec"):
+        job.predict(df.drop("vec"))
+    with pytest.raises(TfosError, match="already has a column 'y'"):
+        job.predict(df, output_col="y")
