@@ -129,3 +129,22 @@ def test_a_model_that_does_not_fit_the_feed_is_told_what_the_feed_gives(shell):
     assert "worker 0: TypeError: Exception encountered when calling layer" in str(err), str(err)
     assert "in user code" not in str(err) and "The feed gives --inputs dict" in str(err), str(err)
     assert "pass --inputs matrix" in str(err), str(err)
+
+
+def test_each_worker_gets_one_partition_in_a_stage_spark_runs_as_a_barrier(spark):
+    """A frame with one partition per worker is streamed as it is (no shuffle), unless its
+    last stage reads RDDs of other sizes: a union (the training frame and the validation
+    frame) or a coalesce, which Spark refuses in a barrier stage (SPARK-24820)."""
+    from tfos_magic.driver.launcher import one_partition_per_worker
+
+    even = spark.range(100, numPartitions=2)
+    assert one_partition_per_worker(even, 2) is even
+    def part(start: int):  # one partition whose partitioning Spark does not know
+        return spark.createDataFrame(spark.sparkContext.parallelize([(i,) for i in range(start, start + 50)], 1),
+                                     "id long")
+
+    for frame in (part(0).union(part(50)), spark.range(100, numPartitions=4).coalesce(2)):
+        assert frame.rdd.getNumPartitions() == 2
+        fed = one_partition_per_worker(frame, 2)
+        assert fed is not frame
+        assert fed.mapInArrow(lambda batches: batches, fed.schema, barrier=True).count() == 100

@@ -51,10 +51,29 @@ def check_checkpoint_dir(path: str) -> None:
 
 def one_partition_per_worker(frame: DataFrame, workers: int) -> DataFrame:
     """Round-robin repartition (even partitions), skipped when the frame already has one per
-    worker: the shuffle would cost more than the streaming itself (docs/performance.md)."""
-    if frame.rdd.getNumPartitions() == workers:
+    worker: the shuffle would cost more than the streaming itself (docs/performance.md).
+    Not skipped when its last stage reads RDDs of other sizes (a union, e.g. of the
+    training and validation frames, or a coalesce): Spark refuses such a barrier stage."""
+    rdd = frame._jdf.rdd()
+    if rdd.getNumPartitions() == workers and _uniform_stage(rdd):
         return frame
     return frame.repartition(workers)
+
+
+def _uniform_stage(rdd: Any) -> bool:
+    """Whether every RDD in `rdd`'s stage (its narrow dependencies, back to a shuffle or a
+    source) has as many partitions as `rdd`: the rule of Spark's barrier stages."""
+    size, todo = rdd.getNumPartitions(), [rdd]
+    while todo:
+        current = todo.pop()
+        if current.getNumPartitions() != size:
+            return False
+        deps = current.dependencies().iterator()
+        while deps.hasNext():
+            dep = deps.next()
+            if not dep.getClass().getName().endswith("ShuffleDependency"):
+                todo.append(dep.rdd())
+    return True
 
 
 def _hosts(sc) -> tuple[str, str | None]:
