@@ -67,3 +67,16 @@ def test_predict_names_what_is_wrong(scored):
         job.predict(df.drop("vec"))
     with pytest.raises(TfosError, match="already has a column 'y'"):
         job.predict(df, output_col="y")
+
+
+def test_native_stderr_is_held_while_tf_loads_and_let_out_on_failure():
+    """TF's CUDA probing lines must not reach the user's cell; an import error's must."""
+    import subprocess
+    import sys
+
+    code = ("import os\nfrom tfos_magic.protocol.logs import native_stderr_held\n"
+            "with native_stderr_held():\n    os.write(2, b'probing noise\\n')\n"
+            "try:\n    with native_stderr_held():\n        os.write(2, b'why it failed\\n'); raise ImportError\n"
+            "except ImportError:\n    os.write(2, b'after\\n')\n")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stderr
+    assert err == "why it failed\nafter\n", err

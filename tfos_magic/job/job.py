@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import TfosError
+from ..protocol.logs import native_stderr_held
 from ..protocol.paths import MODEL_FILE, join_uri
 from .spec import JobSpec
 from .store import JobStore
@@ -85,8 +86,9 @@ class Job:
 
     def load_model(self):
         """Load the trained tf.keras model in the driver (legacy Keras, as the workers used)."""
-        import tensorflow as tf
-        import tf_keras
+        with native_stderr_held():
+            import tensorflow as tf
+            import tf_keras
 
         path = self.model_path
         if not tf.io.gfile.exists(path):

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from ..protocol.arrays import BatchArrays
 from ..protocol.feed_spec import FeedSpec
+from ..protocol.logs import native_stderr_held
 
 INPUT_PREFIX = "__tfos_in_"  # the prepared (cast) feature columns, next to the row's own columns
 
@@ -29,9 +30,10 @@ def _model(path: str) -> Any:
         if path not in _MODELS:
             os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-            import tf_keras
+            with native_stderr_held():
+                import tf_keras
 
-            _MODELS[path] = tf_keras.models.load_model(path, compile=False)
+                _MODELS[path] = tf_keras.models.load_model(path, compile=False)
         return _MODELS[path]
 
 
