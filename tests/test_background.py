@@ -43,6 +43,7 @@ def test_background_job_status_and_stop(local_kernel):
     t0 = time.time()
     reply, out = kernel_run(kc, "%tfos_stop bg", timeout=60)
     assert reply["status"] == "ok" and "stopped" in out, out
+    assert "PythonException" not in out, "a stop is not a task failure: no Spark stack trace in the cell"
     assert time.time() - t0 < 15, "control returns within 15 s"
     job = get_job("bg", str(home))
     assert job.state == "stopped"

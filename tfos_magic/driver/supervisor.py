@@ -10,6 +10,7 @@ executor) or not (an error in the cell or the data). Every wait is bounded.
 from __future__ import annotations
 
 import collections
+import json
 import re
 import threading
 import time
@@ -326,6 +327,8 @@ def _watch(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
             if workers.error is not None:
                 # Failed with no report from our code: a lost executor or a killed task.
                 raise AttemptFailed(_spark_error_message(workers.error), retryable=True)
+            if any(json.loads(row["result"]).get("status") == "stopped" for row in workers.result or ()):
+                raise JobStopped("stopped on request")  # ended by a stop, never a success
             return
         if ps is not None and not ps.running:
             message = _spark_error_message(ps.error) if ps.error else "the parameter-server job ended"

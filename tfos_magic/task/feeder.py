@@ -199,9 +199,9 @@ def _result(config: TaskConfig, code: int) -> pa.RecordBatch:
         # A process that died without a word (a crash, the OOM killer) may succeed on a restart.
         raise WorkerFailed(f"TF {role} {index} {exit_description(code)} before reporting a result",
                            retryable=True, details=f"Last lines of its log:\n{log_tail(config.log_path)}") from None
-    if result["status"] == "stopped":  # the notebook asked for it and is cancelling the job
-        raise WorkerFailed(f"TF {role} {index} {result['error']}", reported=True)
-    if result["status"] != "ok":
+    # "stopped": the notebook asked for it (and is cancelling the job). The task ends
+    # normally: failing it would print Spark's task-failure stack trace into the cell.
+    if result["status"] not in ("ok", "stopped"):
         raise WorkerFailed(f"TF {role} {index} failed: {result['error']}", reported=True)
     return pa.RecordBatch.from_pydict({"worker": [index], "result": [json.dumps(result)]}, schema=RESULT_SCHEMA)
 
