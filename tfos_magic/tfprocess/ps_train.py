@@ -139,6 +139,8 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
                 raise
             raise explained from exc
         loss = _loss(model, y, pred)
+        if model.losses:  # regularizers, as Keras' fit adds them (and reports them in the loss)
+            loss = loss + tf.add_n(model.losses)
         weights = model.trainable_weights
         if not weights:
             raise TfosError(NO_WEIGHTS)
