@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..protocol.events import log_line
+
 MAX_SNAPSHOT_POINTS = 2000
 MAX_LOG_LINES = 500
 
@@ -178,7 +180,7 @@ class DashboardModel:
         self.model_path = e.get("path")
 
     def _on_log(self, e: dict[str, Any]) -> None:
-        self.add_log(f"[{e.get('role', 'worker')} {e.get('worker')}] {e.get('text', '')}")
+        self.add_log(log_line(e))
 
     def add_log(self, line: str) -> None:
         """A line the cell printed on a worker, or a note; the newest MAX_LOG_LINES are kept."""
