@@ -125,6 +125,9 @@ class DashboardModel:
 
     def _on_training(self, e: dict[str, Any]) -> None:
         if int(e.get("worker", 0)) == 0:
+            # This run's clock starts again: the history shown before a resumed run must not
+            # count as its start-up, nor its steps as this run's rate (ETA).
+            self.first_step_at = None
             self.initial_step = self.step = int(e.get("initial_step") or 0)
             self.initial_epoch = self.epoch = int(e.get("initial_epoch") or 0)
             if e.get("restored_from"):
