@@ -1,7 +1,8 @@
 """The layout shows which process runs a line, and the imports keep it true.
 
 kernel (magics, session, driver/, job/, ui/) -> protocol/; task/ -> protocol/;
-tfprocess/ -> protocol/; protocol/ -> nothing of the package but errors.
+tfprocess/ -> protocol/; protocol/ -> nothing of the package but errors; the command
+line (cli/) drives jobs as a kernel does, so it may import the kernel side, never the reverse.
 """
 
 import ast
@@ -11,12 +12,14 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "tfos_magic"
 SIDES = {
+    "cli": {"cli"},
     "kernel": {"api", "magics", "session", "driver", "job", "ui", "__init__"},
     "task": {"task"},
     "tfprocess": {"tfprocess"},
     "shared": {"protocol", "errors"},
 }
 ALLOWED = {
+    "cli": {"cli", "kernel", "shared"},
     "kernel": {"kernel", "shared"},
     "task": {"task", "shared"},
     "tfprocess": {"tfprocess", "shared"},
