@@ -138,10 +138,13 @@ def train(name: str, train_source: str, options: TrainOptions, *, namespace: dic
 
 def resume(name: str, *, namespace: dict[str, Any] | None = None, views: ViewFactory | None = None,
            background: bool = False, store: JobStore | None = None,
-           overrides: argparse.Namespace | dict[str, Any] | None = None) -> dict[str, Any] | None:
+           overrides: argparse.Namespace | dict[str, Any] | None = None,
+           restart: bool = False) -> dict[str, Any] | None:
     """Continue a stored job from its latest checkpoint with its stored cells and options
     (`overrides`, e.g. {"epochs": 10}, replace stored ones): the DataFrame is rebuilt from
-    the stored ETL source unless this process holds it."""
+    the stored ETL source unless this process holds it. With `restart`, the stored cells
+    run again from step 0 instead (earlier checkpoints and metrics are dropped): a batch
+    re-run of a job that needs no notebook."""
     name, store = check_name(name), _store(store)
     spec = store.load_spec(name)
     if not spec.train_source:
@@ -149,7 +152,7 @@ def resume(name: str, *, namespace: dict[str, Any] | None = None, views: ViewFac
                         f"`%%tf_train {name}` cell.")
     _refuse_background_duplicate(name)
     given = dict(vars(overrides) if isinstance(overrides, argparse.Namespace) else overrides or {})
-    given["restart"] = False  # a resume never throws the checkpoints away
+    given["restart"] = restart  # only an explicit restart throws the checkpoints away
     if spec.options.zk_auth and spec.options.zk_auth.endswith(":***") and not given.get("zk_auth"):
         secret = os.environ.get("TFOS_ZK_AUTH")  # the store keeps no password
         if not secret:

@@ -21,6 +21,7 @@ from pyspark import InheritableThread
 
 from ..errors import TfosError
 from ..job import JobStore
+from ..protocol.events import log_line
 from .observers import JobObserver
 
 POLL_S = 0.2
@@ -145,7 +146,7 @@ class RunMonitor:
             except IndexError:
                 return
             if event.get("kind") == "log":
-                observers.on_log(f"[{event.get('role', 'worker')} {event.get('worker')}] {event.get('text', '')}")
+                observers.on_log(log_line(event))
             else:
                 observers.on_event(event)
 

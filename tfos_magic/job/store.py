@@ -178,6 +178,31 @@ class JobStore:
                 except json.JSONDecodeError:
                     continue
 
+    def events_after(self, name: str, cursor: tuple[int, int] = (0, 0)
+                     ) -> tuple[list[dict[str, Any]], tuple[int, int]]:
+        """The events appended since `cursor`, and the cursor to pass next time: for a reader
+        that follows a running job from another process. The cursor is (file id, byte
+        offset): a file replaced since (a `--restart` drops the old one) is read from its
+        start. A line still being written waits for the next call."""
+        try:
+            f = open(self.metrics_path(name), "rb")
+        except FileNotFoundError:
+            return [], (0, 0)
+        with f:
+            inode, offset = os.fstat(f.fileno()).st_ino, cursor[1]
+            if inode != cursor[0] or f.seek(0, os.SEEK_END) < offset:
+                offset = 0
+            f.seek(offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        events = []
+        for line in data[:end].splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return events, (inode, offset + end)
+
     # stop requests ------------------------------------------------------
     def stop_request_path(self, name: str) -> Path:
         return self.job_dir(name) / "stop-request"

@@ -32,3 +32,8 @@ def make_event(kind: str, worker: int, **fields: Any) -> dict[str, Any]:
             value = {k: _plain(v) for k, v in value.items()}
         event[key] = _plain(value)
     return event
+
+
+def log_line(event: dict[str, Any]) -> str:
+    """A `log` event as the one line every view prints: `[worker 0] text`."""
+    return f"[{event.get('role', 'worker')} {event.get('worker')}] {event.get('text', '')}"

@@ -99,7 +99,7 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """Add every option to `parser`. Values not given on the line parse as None, so that
     `options_from` can tell them from defaults (an environment variable, or a stored run)."""
     for f in dataclasses.fields(TrainOptions):

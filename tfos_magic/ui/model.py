@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..protocol.events import log_line
+
 MAX_SNAPSHOT_POINTS = 2000
 MAX_LOG_LINES = 500
 
@@ -123,6 +125,9 @@ class DashboardModel:
 
     def _on_training(self, e: dict[str, Any]) -> None:
         if int(e.get("worker", 0)) == 0:
+            # This run's clock starts again: the history shown before a resumed run must not
+            # count as its start-up, nor its steps as this run's rate (ETA).
+            self.first_step_at = None
             self.initial_step = self.step = int(e.get("initial_step") or 0)
             self.initial_epoch = self.epoch = int(e.get("initial_epoch") or 0)
             if e.get("restored_from"):
@@ -178,7 +183,7 @@ class DashboardModel:
         self.model_path = e.get("path")
 
     def _on_log(self, e: dict[str, Any]) -> None:
-        self.add_log(f"[{e.get('role', 'worker')} {e.get('worker')}] {e.get('text', '')}")
+        self.add_log(log_line(e))
 
     def add_log(self, line: str) -> None:
         """A line the cell printed on a worker, or a note; the newest MAX_LOG_LINES are kept."""
