@@ -6,11 +6,12 @@ process or after a kernel restart.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import TfosError
 from ..protocol.logs import native_stderr_held
 from ..protocol.paths import MODEL_FILE, join_uri
+from .digest import JobDigest
 from .spec import JobSpec
 from .store import JobStore
 
@@ -60,34 +61,35 @@ class Job:
     @property
     def history(self) -> list[dict[str, Any]]:
         """One dict per epoch from the chief worker; a resumed run overrides epochs it redid."""
-        return _history(self.store.events(self.name))
+        return JobDigest.of(self.store.events(self.name)).history
 
     @property
     def events(self) -> list[dict[str, Any]]:
         return list(self.store.events(self.name))
 
+    def events_from(self, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        """The events from byte `offset` of metrics.jsonl on, and the offset to pass next
+        time: to follow a running job without reading its history again."""
+        read = self.store.read_events(self.name, offset)
+        return read.events, read.offset
+
     @property
     def latest_checkpoint(self) -> str | None:
-        return _latest_checkpoint(self.store.events(self.name))
+        return JobDigest.of(self.store.events(self.name)).latest_checkpoint
 
     def overview(self) -> dict[str, Any]:
         """Where the job stands, from one read of state.json and of metrics.jsonl: the state
         (`interrupted` when its kernel died), the chief's last step and loss, the finished
         epochs, the latest checkpoint and the last epoch's metrics. For listings of many
         jobs (`tfos jobs`, `tfos status`) that should not read each file several times."""
-        state, events = self._state, list(self.store.events(self.name))
-        step = loss = None
-        for e in events:
-            if e.get("kind") in ("step", "epoch") and e.get("worker", 0) == 0:
-                step = e.get("step", step)
-                loss = (e.get("metrics") or {}).get("loss", loss)
-        history = _history(events)
+        state, digest = self._state, JobDigest.of(self.store.events(self.name))
+        history = digest.history
         return {
             "job": self.name, "state": state.get("state", "registered"), "run": state.get("run", 0),
-            "step": step, "loss": loss, "epoch": history[-1]["epoch"] if history else 0,
+            "step": digest.step, "loss": digest.loss, "epoch": history[-1]["epoch"] if history else 0,
             "epochs": self.spec.options.epochs, "updated": state.get("updated"),
             "interrupted_at": state.get("interrupted_at"), "error": state.get("error"),
-            "error_file": state.get("error_file"), "latest_checkpoint": _latest_checkpoint(events),
+            "error_file": state.get("error_file"), "latest_checkpoint": digest.latest_checkpoint,
             "last_metrics": history[-1] if history else None,
         }
 
@@ -141,18 +143,3 @@ class Job:
         model = self.load_model()
         model.save(path, save_format="tf", include_optimizer=False)
         return path
-
-def _history(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_epoch: dict[int, dict[str, Any]] = {}
-    for e in events:
-        if e.get("kind") == "epoch" and e.get("worker", 0) == 0:
-            by_epoch[int(e["epoch"])] = {"epoch": e["epoch"], **e.get("metrics", {})}
-    return [by_epoch[k] for k in sorted(by_epoch)]
-
-
-def _latest_checkpoint(events: Iterable[dict[str, Any]]) -> str | None:
-    latest = None
-    for e in events:
-        if e.get("kind") == "checkpoint":
-            latest = e.get("path")
-    return latest

@@ -23,6 +23,7 @@ import socket
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -81,6 +82,16 @@ def read_json(path: Path) -> dict[str, Any] | None:
             return json.load(f)
     except FileNotFoundError:
         return None
+
+
+@dataclass
+class EventsRead:
+    """One offset read of metrics.jsonl (JobStore.read_events)."""
+
+    events: list[dict[str, Any]]
+    inode: int  # the file read, 0 when there is none
+    offset: int  # where the next read starts
+    restarted: bool  # the read started over at byte 0: what was read before is gone
 
 
 class JobStore:
@@ -178,22 +189,28 @@ class JobStore:
                 except json.JSONDecodeError:
                     continue
 
-    def events_after(self, name: str, cursor: tuple[int, int] = (0, 0)
-                     ) -> tuple[list[dict[str, Any]], tuple[int, int]]:
-        """The events appended since `cursor`, and the cursor to pass next time: for a reader
-        that follows a running job from another process. The cursor is (file id, byte
-        offset): a file replaced since (a `--restart` drops the old one) is read from its
-        start. A line still being written waits for the next call."""
+    def read_events(self, name: str, offset: int = 0, inode: int | None = None,
+                    max_bytes: int | None = None) -> EventsRead:
+        """The events from byte `offset` of metrics.jsonl on: the one offset read that every
+        follower of a job builds on, so none re-reads the whole file to see what is new.
+
+        The read starts over at byte 0 when the file is shorter than `offset`, or is not the
+        file `inode` names (a `--restart` drops the old one). A line still being written
+        waits for the next call. `max_bytes` bounds one read (whole lines; a longer single
+        line is still returned whole)."""
         try:
             f = open(self.metrics_path(name), "rb")
         except FileNotFoundError:
-            return [], (0, 0)
+            return EventsRead([], 0, 0, restarted=offset > 0)
         with f:
-            inode, offset = os.fstat(f.fileno()).st_ino, cursor[1]
-            if inode != cursor[0] or f.seek(0, os.SEEK_END) < offset:
-                offset = 0
-            f.seek(offset)
-            data = f.read()
+            found = os.fstat(f.fileno()).st_ino
+            start = offset
+            if (inode is not None and found != inode) or f.seek(0, os.SEEK_END) < offset:
+                start = 0
+            f.seek(start)
+            data = f.read() if max_bytes is None else f.read(max_bytes)
+            if max_bytes is not None and data and not data.endswith(b"\n"):
+                data += f.readline()  # finish the line the bound cut
         end = data.rfind(b"\n") + 1
         events = []
         for line in data[:end].splitlines():
@@ -201,7 +218,15 @@ class JobStore:
                 events.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
-        return events, (inode, offset + end)
+        return EventsRead(events, found, start + end, restarted=start != offset)
+
+    def events_after(self, name: str, cursor: tuple[int, int] = (0, 0)
+                     ) -> tuple[list[dict[str, Any]], tuple[int, int]]:
+        """The events appended since `cursor`, and the cursor to pass next time: for a reader
+        that follows a running job from another process. The cursor is (file id, byte
+        offset): a file replaced since is read from its start."""
+        read = self.read_events(name, cursor[1], cursor[0] if cursor[1] else None)
+        return read.events, (read.inode, read.offset)
 
     # stop requests ------------------------------------------------------
     def stop_request_path(self, name: str) -> Path:

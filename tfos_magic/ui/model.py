@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..job.digest import decimate
 from ..protocol.events import log_line
 
 MAX_SNAPSHOT_POINTS = 2000
@@ -36,12 +37,8 @@ class Series:
         return new
 
     def decimated(self, most: int = MAX_SNAPSHOT_POINTS) -> tuple[list[float], list[float]]:
-        """At most `most` points: every k-th, always keeping the last."""
-        n = len(self.x)
-        if n <= most:
-            return list(self.x), list(self.y)
-        stride = -(-n // (most - 1))
-        idx = list(range(0, n - 1, stride)) + [n - 1]
+        """At most `most` points: every k-th, always keeping the first and the last."""
+        idx = decimate(range(len(self.x)), most)
         return [self.x[i] for i in idx], [self.y[i] for i in idx]
 
 
