@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from .driver.observers import JobObserver, Observers
 from .errors import TfosError
-from .job import JobSpec, JobStore
+from .job import JobSpec, JobStore, RunOrigin
 from .job.store import check_name
 from .protocol.cells import check_train_source, run_cell
 from .protocol.options import TrainOptions, options_from
@@ -123,9 +123,10 @@ def spark_settings(spark: Any) -> dict[str, Any]:
 # --- running ------------------------------------------------------------------------
 def train(name: str, train_source: str, options: TrainOptions, *, namespace: dict[str, Any] | None = None,
           views: ViewFactory | None = None, background: bool = False, rerun_etl: bool = False,
-          store: JobStore | None = None) -> dict[str, Any] | None:
+          store: JobStore | None = None, origin: RunOrigin | None = None) -> dict[str, Any] | None:
     """Store the train source and options, and run the job: to its end (returns the final
-    state; raises JobFailed or KeyboardInterrupt), or in a background thread (returns None)."""
+    state; raises JobFailed or KeyboardInterrupt), or in a background thread (returns None).
+    `origin` names the notebook and cell that started it, for the sidebar."""
     name, store = check_name(name), _store(store)
     _refuse_background_duplicate(name)
     check_train_source(train_source, name)
@@ -133,13 +134,13 @@ def train(name: str, train_source: str, options: TrainOptions, *, namespace: dic
     df = frame(name, namespace, rerun_etl, store)
     spec = store.load_spec(name)
     spec.train_source, spec.options = train_source, options
-    return _run(spec, df, namespace or {}, views, background, store)
+    return _run(spec, df, namespace or {}, views, background, store, origin)
 
 
 def resume(name: str, *, namespace: dict[str, Any] | None = None, views: ViewFactory | None = None,
            background: bool = False, store: JobStore | None = None,
            overrides: argparse.Namespace | dict[str, Any] | None = None,
-           restart: bool = False) -> dict[str, Any] | None:
+           restart: bool = False, origin: RunOrigin | None = None) -> dict[str, Any] | None:
     """Continue a stored job from its latest checkpoint with its stored cells and options
     (`overrides`, e.g. {"epochs": 10}, replace stored ones): the DataFrame is rebuilt from
     the stored ETL source unless this process holds it. With `restart`, the stored cells
@@ -162,11 +163,11 @@ def resume(name: str, *, namespace: dict[str, Any] | None = None, views: ViewFac
     spec.options = options_from(given, base=spec.options)
     namespace = {} if namespace is None else namespace
     df = frame(name, namespace, rerun_etl=True, store=store)
-    return _run(spec, df, namespace, views, background, store)
+    return _run(spec, df, namespace, views, background, store, origin)
 
 
 def _run(spec: JobSpec, df: Any, namespace: dict[str, Any], views: ViewFactory | None, background: bool,
-         store: JobStore) -> dict[str, Any] | None:
+         store: JobStore, origin: RunOrigin | None) -> dict[str, Any] | None:
     from .driver.launcher import launch, refuse_if_running
 
     spark = _session_for(spec, namespace)
@@ -177,7 +178,7 @@ def _run(spec: JobSpec, df: Any, namespace: dict[str, Any], views: ViewFactory |
     if not spec.options.restart:
         _show_history(observers, store, spec.name)
     if not background:
-        return launch(spark, spec, df, store, validation, observers=observers)
+        return launch(spark, spec, df, store, validation, observers=observers, origin=origin)
     refuse_if_running(store, spec.name)
     for view in observers.observers:  # shown by the caller's cell, before the thread starts
         show = getattr(view, "show", None)
@@ -186,7 +187,7 @@ def _run(spec: JobSpec, df: Any, namespace: dict[str, Any], views: ViewFactory |
 
     def body() -> None:
         try:
-            launch(spark, spec, df, store, validation, observers=observers)
+            launch(spark, spec, df, store, validation, observers=observers, origin=origin)
         except Exception:  # noqa: BLE001 - already recorded in state.json and shown by the views
             log.info("tfos: background job %s ended with an error", spec.name, exc_info=True)
         finally:

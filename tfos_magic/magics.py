@@ -7,6 +7,7 @@ Thin on purpose: parse the line and call the job API (api.py). The `%%tf_train` 
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -14,7 +15,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
 
 from . import api
-from .job import Job, JobStore
+from .job import Job, JobStore, RunOrigin
 from .job.store import check_name
 from .protocol.options import add_arguments, options_from
 
@@ -48,6 +49,21 @@ def _views(shell: Any) -> api.ViewFactory:
         shell, spec, spark, has_validation, background=background)
 
 
+def run_origin(shell: Any) -> RunOrigin:
+    """The notebook and cell running now, as the front end told the kernel: the server
+    gives a kernel its notebook's path in JPY_SESSION_NAME, and JupyterLab sends the cell's
+    id in the execute request's metadata. Either may be missing (a terminal IPython, an
+    older front end, a kernel started outside a server); then it is None."""
+    cell_id = None
+    try:
+        parent = shell.kernel.get_parent()
+        cell_id = (parent.get("metadata") or {}).get("cellId")
+    except Exception:  # noqa: BLE001 - no kernel, or one that keeps no parent: no cell id
+        pass
+    return RunOrigin(notebook_path=os.environ.get("JPY_SESSION_NAME") or None,
+                     cell_id=cell_id if isinstance(cell_id, str) and cell_id else None)
+
+
 @magics_class
 class TfosMagics(Magics):
     def __init__(self, shell: Any, store: JobStore | None = None) -> None:
@@ -68,7 +84,8 @@ class TfosMagics(Magics):
     def tf_train(self, line: str, cell: str) -> None:
         args = TRAIN.parse_argstring(line)
         api.train(args.job, cell, options_from(args), namespace=self.shell.user_ns, views=_views(self.shell),
-                  background=args.background, rerun_etl=args.rerun_etl, store=self.store)
+                  background=args.background, rerun_etl=args.rerun_etl, store=self.store,
+                  origin=run_origin(self.shell))
         self._say_background(args.job, args.background)
 
     tf_train.__doc__ = TRAIN.format_help()
@@ -77,7 +94,7 @@ class TfosMagics(Magics):
     def tfos_resume(self, line: str = "") -> None:
         args = RESUME.parse_argstring(line)
         api.resume(args.job, namespace=self.shell.user_ns, views=_views(self.shell), background=args.background,
-                   store=self.store, overrides=args)
+                   store=self.store, overrides=args, origin=run_origin(self.shell))
         self._say_background(args.job, args.background)
 
     tfos_resume.__doc__ = RESUME.format_help()

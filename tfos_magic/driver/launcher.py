@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 from pyspark.sql import DataFrame
 
 from ..errors import JobFailed, TfosError
-from ..job import JobSpec, JobStore, TrainOptions
+from ..job import JobSpec, JobStore, RunOrigin, TrainOptions
 from ..protocol.cells import check_train_source
 from ..protocol.plan import RegistryPlan, TaskPlan
 from ..task.feeder import RESULT_DDL, make_ps_task, make_task
@@ -151,10 +151,11 @@ def _worker_profile(sc, gpus: int, observers: JobObserver):
 
 
 def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: DataFrame | None = None,
-           observers: JobObserver | None = None) -> dict[str, Any]:
+           observers: JobObserver | None = None, origin: RunOrigin | None = None) -> dict[str, Any]:
     """Run the job to its end; return the final state dict, or raise JobFailed/KeyboardInterrupt.
 
-    Progress goes to `observers` (text, dashboard, CLI), always on this thread.
+    Progress goes to `observers` (text, dashboard, CLI), always on this thread. `origin`
+    (the notebook and cell that started the run) goes into state.json for the sidebar.
     """
     opts, name, sc = spec.options, spec.name, spark.sparkContext
     observers = observers or JobObserver()
@@ -190,6 +191,7 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
         name, state="running", run=run, attempt=1, started=time.time(), ended=None, error=None, error_file=None,
         checkpoint_dir=checkpoint_dir, workers=opts.workers, ps=opts.ps if opts.strategy == "ps" else 0,
         epochs=opts.epochs, driver_pid=os.getpid(), driver_host=socket.gethostname(),
+        **(origin or RunOrigin()).state_fields(),  # a run from no notebook clears the last one's
         feed=feed.to_dict())  # how features were encoded: Job.predict encodes them the same way
     store.clear_stop_request(name)
     heartbeat = store.heartbeat(name)  # readers elsewhere tell a live run from a dead kernel's

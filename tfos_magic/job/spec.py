@@ -12,7 +12,7 @@ from typing import Any
 from ..protocol.options import TrainOptions
 
 SPEC_FORMAT = "tfos-job/1"
-__all__ = ["SPEC_FORMAT", "JobSpec", "TrainOptions"]
+__all__ = ["SPEC_FORMAT", "JobSpec", "RunOrigin", "TrainOptions"]
 
 
 @dataclass
@@ -49,3 +49,17 @@ class JobSpec:
             options=TrainOptions.from_dict(train.get("options") or {}),
             spark=data.get("spark"),
         )
+
+
+@dataclass(frozen=True)
+class RunOrigin:
+    """Where a run was started: the notebook (the path the Jupyter server gave its kernel)
+    and the id of the cell that ran it. Written into state.json when the run starts, so the
+    sidebar can lead from a job back to its cell; both are None for a run with no
+    notebook (the `tfos` command line), and for a kernel that does not say them."""
+
+    notebook_path: str | None = None
+    cell_id: str | None = None
+
+    def state_fields(self) -> dict[str, str | None]:
+        return {"notebook_path": self.notebook_path, "cell_id": self.cell_id}
