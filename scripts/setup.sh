@@ -55,6 +55,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.tfos-installed
 want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+# The install also enables the Jupyter server extension (the sidebar's API), through a config
+# file it puts in .venv/etc/jupyter/jupyter_server_config.d; an older install lacks it.
+[ -f .venv/etc/jupyter/jupyter_server_config.d/tfos_magic.json ] || rm -f "$stamp"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "installing tfos-magic with its test extras into .venv"
   .venv/bin/python -m pip install -q --upgrade pip

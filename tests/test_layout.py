@@ -2,7 +2,9 @@
 
 kernel (magics, session, driver/, job/, ui/, examples/) -> protocol/; task/ -> protocol/;
 tfprocess/ -> protocol/; protocol/ -> nothing of the package but errors; the command
-line (cli/) drives jobs as a kernel does, so it may import the kernel side, never the reverse.
+line (cli/) drives jobs as a kernel does, so it may import the kernel side, never the reverse;
+the Jupyter server's extension (server/) reads the job store (job/) and nothing else of the
+kernel side, so it never loads Spark or TensorFlow.
 """
 
 import ast
@@ -13,6 +15,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).parents[1] / "tfos_magic"
 SIDES = {
     "cli": {"cli"},
+    "server": {"server"},
     "kernel": {"api", "magics", "session", "driver", "job", "ui", "examples", "__init__"},
     "task": {"task"},
     "tfprocess": {"tfprocess"},
@@ -20,11 +23,14 @@ SIDES = {
 }
 ALLOWED = {
     "cli": {"cli", "kernel", "shared"},
+    "server": {"server", "shared"},
     "kernel": {"kernel", "shared"},
     "task": {"task", "shared"},
     "tfprocess": {"tfprocess", "shared"},
     "shared": {"shared"},
 }
+# The one part of the kernel side the server extension may use: the store and its readers.
+SERVER_READS = {"job"}
 # The kernel hands Spark the tasks' entry points: the only places it names task code.
 ENTRY_POINTS = {("driver/launcher.py", "task.feeder"), ("driver/predict.py", "task.predictor")}
 # A prediction task runs the model in Spark's Python worker itself (lazily importing
@@ -88,7 +94,10 @@ def test_no_side_imports_another_except_through_the_shared_formats():
         for module, line in _imports(path):
             if not module:
                 continue
-            target = _side(module.split(".")[0])
+            component = module.split(".")[0]
+            target = _side(component)
+            if side == "server" and component in SERVER_READS:
+                continue
             if target not in ALLOWED[side] and (rel, module) not in ENTRY_POINTS:
                 broken.append(f"{rel}:{line} ({side}) imports {module} ({target})")
     assert not broken, "\n".join(broken)
@@ -100,6 +109,8 @@ def test_the_tf_process_and_the_formats_import_no_spark_and_the_task_no_tensorfl
         external = _external(path)
         if _side(component) in ("tfprocess", "shared"):
             assert not external & {"pyspark", "IPython", "jupyter_core"}, (path, external)
+        if _side(component) == "server":
+            assert not external & {"pyspark", "IPython", "tensorflow", "tf_keras"}, (path, external)
         if _side(component) in ("task", "shared") and str(path.relative_to(PACKAGE)) not in MODEL_RUNNING_TASKS:
             assert not external & {"tensorflow", "tf_keras"}, (path, external)
 
@@ -107,6 +118,15 @@ def test_the_tf_process_and_the_formats_import_no_spark_and_the_task_no_tensorfl
 def test_importing_the_task_side_loads_neither_tensorflow_nor_jupyter():
     code = ("import sys, tfos_magic.task.feeder, tfos_magic.tfprocess.child, tfos_magic.tfprocess.arrow_feed\n"
             "print(sorted(m for m in ('tensorflow', 'pyspark', 'jupyter_core', 'IPython') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_server_extension_loads_neither_spark_nor_tensorflow():
+    code = ("import sys, tfos_magic, tfos_magic.server\n"
+            "assert tfos_magic._jupyter_server_extension_points() == [{'module': 'tfos_magic.server'}]\n"
+            "print(sorted(m for m in ('tensorflow', 'pyspark', 'IPython', 'ipykernel') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout

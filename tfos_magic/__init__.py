@@ -45,6 +45,12 @@ def list_jobs(home: str | None = None) -> list[str]:
     return JobStore(home).names()
 
 
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
+    """The Jupyter server extension (the sidebar's REST API), named as a string so that
+    importing the package never imports the server side."""
+    return [{"module": "tfos_magic.server"}]
+
+
 def _show_error(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: int | None = None) -> Any:
     """A TfosError is a message for the user, not a crash: show it without the stack."""
     return shell.showtraceback((etype, value, tb), exception_only=True)
