@@ -1,5 +1,6 @@
 """What `pip install` of the wheel brings: the dashboard's bundled JS (no Node needed at
-install) and the `tfos` kernel spec, which Jupyter lists with no extra command."""
+install), the `tfos` kernel spec, which Jupyter lists with no extra command, and the
+config that enables the server extension."""
 
 import json
 import os
@@ -32,6 +33,9 @@ def test_the_wheel_holds_the_bundled_widget_and_the_kernel_spec(wheel):
     kernel = json.loads(zipfile.ZipFile(wheel).read(spec))
     assert kernel["argv"][0] == "python" and "--InteractiveShellApp.extensions=tfos_magic" in kernel["argv"]
     assert not any("node_modules" in n or n.startswith("widget/") for n in names)
+    # The server extension (the sidebar's API) is enabled by installing the wheel.
+    config = next(n for n in names if n.endswith("etc/jupyter/jupyter_server_config.d/tfos_magic.json"))
+    assert json.loads(zipfile.ZipFile(wheel).read(config)) == {"ServerApp": {"jpserver_extensions": {"tfos_magic": True}}}
 
 
 @pytest.mark.slow
