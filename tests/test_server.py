@@ -12,10 +12,13 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import run
-from pytest_jupyter.jupyter_server import *  # noqa: F403 - the jp_* fixtures, for this module only
+
+# The jp_* fixtures, for this module only (a plugin would apply its autouse event loop to
+# the whole suite); imported first, so that nothing below is shadowed by its names.
+from pytest_jupyter.jupyter_server import *  # noqa: F403, I001
 from tornado.httpclient import HTTPResponse
 
+from conftest import run
 from tfos_magic.job import JobSpec, JobStore, TrainOptions
 from tfos_magic.server.handlers import EventsHandler, JobHandler, JobsHandler, NotFoundHandler, StopHandler
 
@@ -311,6 +314,8 @@ def test_a_stop_through_the_api_is_honoured_by_a_real_running_job(shell, tfos_ho
         t0 = time.time()
         status, body = api("jobs", "live", "stop", method="POST")
         assert (status, body) == (202, {"state": "running"})
+        _, err = run(shell, "import time\n_t = time.time()\nwhile time.time() - _t < 3:\n    pass")
+        assert err is None, "the notebook's kernel was busy with another cell meanwhile"
         while (state := api("jobs", "live")[1]["state"]) == "running":
             assert time.time() - t0 < 15, "the job was still running 15 s after the stop request"
             time.sleep(0.2)
