@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up tfos-magic on a fresh Debian/Ubuntu machine with Python 3.11+:
-# system packages (Java 17+, ZooKeeper, Chromium, Node for the widget's build) from apt, then a virtualenv in
-# .venv with the package and its test extras from PyPI. Safe to run again: it
-# only installs what is missing.
+# system packages (Java 17+, ZooKeeper, Chromium, Node for the front ends' build) from apt, then a virtualenv in
+# .venv with the package and its test extras from PyPI, and the JupyterLab sidebar
+# linked into it. Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +29,7 @@ java_ok || missing+=(java)
 [ -x /usr/share/zookeeper/bin/zkServer.sh ] || missing+=(zookeeper)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium chromium-driver)
 "$PYTHON" -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)
-# npm builds the dashboard's JS bundle when the package is installed from source.
+# npm builds the dashboard's JS bundle and the JupyterLab extension when the package is installed from source.
 command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 
 if [ ${#missing[@]} -gt 0 ]; then
@@ -64,5 +64,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # Playwright drives Debian's Chromium (/usr/bin/chromium): no browser download.
   PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 .venv/bin/python -m pip install -q -e '.[test]'
   echo "$want" > "$stamp"
+fi
+# The editable install copied the built JupyterLab extension into .venv; a link to the
+# checkout's build instead makes a rebuild (npm run build:dev) show on the next page load.
+if [ ! -L .venv/share/jupyter/labextensions/tfos-magic ]; then
+  say "linking the JupyterLab extension into .venv"
+  .venv/bin/jupyter-builder develop --overwrite .
 fi
 say "ready: .venv/bin/python -m pytest, or bash scripts/test.sh"

@@ -93,6 +93,47 @@ def tfos_kernel(tmp_path_factory):
 from tfos_magic.protocol.net import free_port  # noqa: E402 - one helper for tests and tasks
 
 
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory):
+    """This checkout built as a wheel, once a session. Its build hook bundles both front
+    ends with npm (skipped when both bundles are already built); the lab extension's
+    bundler, jupyter-builder, comes from this environment's bin, as it would from the
+    build environment's in an isolated build."""
+    import subprocess
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("dist")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(out), str(Path(__file__).parents[1])],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = out.glob("tfos_magic-*.whl")
+    return path
+
+
+def venv_with_wheel(wheel, root):
+    """A new virtualenv at `root` with `wheel` installed alone (`--no-deps`); its python.
+
+    It borrows this environment's libraries (jupyter_client, jupyterlab) through a path
+    entry, whose own .pth files are not read: this checkout's editable install stays out
+    of sight, so the only tfos_magic there is the one from the wheel."""
+    import subprocess
+    import sysconfig
+    import venv
+    from pathlib import Path
+
+    venv.create(root, with_pip=True)
+    python = Path(root) / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return python
+
+
 ZK_SERVER = "/usr/share/zookeeper/bin/zkServer.sh"
 
 

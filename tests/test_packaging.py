@@ -5,25 +5,10 @@ config that enables the server extension."""
 import json
 import os
 import subprocess
-import sys
-import sysconfig
-import venv
 import zipfile
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).parents[1]
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (path,) = out.glob("tfos_magic-*.whl")
-    return path
+from conftest import venv_with_wheel
 
 
 def test_the_wheel_holds_the_bundled_widget_and_the_kernel_spec(wheel):
@@ -32,7 +17,7 @@ def test_the_wheel_holds_the_bundled_widget_and_the_kernel_spec(wheel):
     spec = next(n for n in names if n.endswith("share/jupyter/kernels/tfos/kernel.json"))
     kernel = json.loads(zipfile.ZipFile(wheel).read(spec))
     assert kernel["argv"][0] == "python" and "--InteractiveShellApp.extensions=tfos_magic" in kernel["argv"]
-    assert not any("node_modules" in n or n.startswith("widget/") for n in names)
+    assert not any("node_modules" in n or n.startswith(("widget/", "labextension/")) for n in names)
     # The server extension (the sidebar's API) is enabled by installing the wheel.
     config = next(n for n in names if n.endswith("etc/jupyter/jupyter_server_config.d/tfos_magic.json"))
     assert json.loads(zipfile.ZipFile(wheel).read(config)) == {"ServerApp": {"jpserver_extensions": {"tfos_magic": True}}}
@@ -41,16 +26,7 @@ def test_the_wheel_holds_the_bundled_widget_and_the_kernel_spec(wheel):
 @pytest.mark.slow
 def test_a_plain_pip_install_into_a_fresh_venv_lists_the_kernel(wheel, tmp_path):
     fresh = tmp_path / "fresh"
-    venv.create(fresh, with_pip=True)
-    python = fresh / "bin" / "python"
-    # The fresh venv borrows this one's libraries (jupyter_client for the listing), through a
-    # path entry whose own .pth files are not read: the package itself comes from the wheel.
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
-    Path(purelib, "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    python = venv_with_wheel(wheel, fresh)
     # Only what the install put in place: no JUPYTER_PATH of the test session or the user.
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER")}
     listing = subprocess.run([str(python), "-m", "jupyter_client.kernelspecapp", "list", "--json"],

@@ -51,6 +51,12 @@ def _jupyter_server_extension_points() -> list[dict[str, str]]:
     return [{"module": "tfos_magic.server"}]
 
 
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """Where the built JupyterLab extension is, for `jupyter-builder develop` in a source
+    checkout (a wheel installs it as shared data instead)."""
+    return [{"src": "labextension", "dest": "tfos-magic"}]
+
+
 def _show_error(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: int | None = None) -> Any:
     """A TfosError is a message for the user, not a crash: show it without the stack."""
     return shell.showtraceback((etype, value, tb), exception_only=True)
