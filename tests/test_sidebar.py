@@ -1,9 +1,10 @@
-"""The JupyterLab sidebar in a real browser, against the real server extension: jobs
-written to the job store in its public format (no Spark, no TF) show in the left panel,
-and a row opens the job's view. Debian's Chromium through Playwright, JupyterLab served
-here (the `lab` fixture of test_browser). Screenshots go to TFOS_SCREENSHOTS when set.
-
-It needs the server extension (tfos_magic/server) and skips without it.
+"""The JupyterLab sidebar in a real browser, against the real server extension: a job
+that a real kernel is running, a finished job and a failed one (those two written to the
+job store in its public format) show in the left panel with their states; a row opens
+the job's view; Stop on the running job stops it (its kernel honours the request while
+busy) and the panel shows `stopped`. Debian's Chromium through Playwright, JupyterLab
+served here (the `lab` fixture of test_browser). Screenshots go to TFOS_SCREENSHOTS
+(e.g. docs/) when set, else to the test's temp dir.
 """
 
 import os
@@ -11,9 +12,36 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import kernel_run
+from jupyter_client.manager import start_new_kernel
 from test_browser import CHROMIUM, _dismiss_news, lab  # noqa: F401 - `lab` is a fixture
 
-pytest.importorskip("tfos_magic.server", reason="the sidebar's server extension is not in this tree")
+from tfos_magic import get_job
+
+LIVE = ("%%tf_train live --workers 1 --epochs 200 --batch-size 64 --label y --checkpoint-every-steps 100 "
+        "--background\nimport tensorflow as tf\n\ndef build_model():\n"
+        "    m = tf.keras.Sequential([tf.keras.Input((1,)), tf.keras.layers.Dense(1)])\n"
+        "    m.compile(optimizer='adam', loss='mse')\n    return m\n")
+
+
+@pytest.fixture
+def running_job(lab, tmp_path, tfos_kernel):
+    """A real job, running in the background in a real kernel on the lab's job store."""
+    env = dict(os.environ, TFOS_HOME=str(tmp_path / "home"), TFOS_SPARK_MASTER="local[2]")
+    km, kc = start_new_kernel(kernel_name=tfos_kernel, env=env)
+    try:
+        reply, out = kernel_run(kc, "%%spark_etl live\nspark.range(20000).selectExpr('rand(1) AS x', 'rand(2) AS y')")
+        assert reply["status"] == "ok", out
+        reply, out = kernel_run(kc, LIVE)
+        assert reply["status"] == "ok", out
+        deadline = time.time() + 180
+        while not any(e["kind"] == "step" for e in get_job("live", str(tmp_path / "home")).events):
+            assert time.time() < deadline, "the job took no step"
+            time.sleep(0.5)
+        yield kc
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
 
 
 def _store_jobs(home: Path) -> None:
@@ -39,31 +67,47 @@ def _store_jobs(home: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_sidebar_lists_stored_jobs_and_opens_one(lab, tmp_path):  # noqa: F811 - the fixture
+def test_the_sidebar_shows_every_job_opens_one_and_stops_the_running_one(lab, running_job, tmp_path):  # noqa: F811
     from playwright.sync_api import sync_playwright
 
     url, token = lab
-    _store_jobs(tmp_path / "home")  # the lab fixture's TFOS_HOME
+    home = tmp_path / "home"  # the lab fixture's TFOS_HOME
+    _store_jobs(home)
     shots = Path(os.environ.get("TFOS_SCREENSHOTS") or tmp_path)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.goto(f"{url}/lab?token={token}", timeout=60_000)
             page.wait_for_selector(".jp-LabShell", timeout=60_000)
             _dismiss_news(page)
             page.locator(".jp-SideBar.jp-mod-left li[data-id='tfos-magic-jobs']").click()
             page.wait_for_selector(".tfos-JobRow[data-job='curve']", timeout=30_000)
-            assert page.locator(".tfos-JobRow[data-job='curve'] .tfos-StateBadge").text_content() == "succeeded"
-            assert page.locator(".tfos-JobRow[data-job='broken'] .tfos-StateBadge").text_content() == "failed"
+            badge = ".tfos-JobRow[data-job='{}'] .tfos-StateBadge"
+            page.wait_for_selector(badge.format("live") + ":text('running')", timeout=30_000)
+            assert page.locator(badge.format("curve")).text_content() == "succeeded"
+            assert page.locator(badge.format("broken")).text_content() == "failed"
+            assert "null values" in page.locator(".tfos-JobRow[data-job='broken']").text_content()
             assert page.locator(".tfos-JobRow[data-job='curve'] .tfos-Sparkline path").count() == 1
             page.screenshot(path=str(shots / "sidebar.png"))
             page.locator(".tfos-JobRow[data-job='curve']").click()
             page.wait_for_selector(".tfos-LossChart-line", timeout=30_000)
             assert "ckpt-290" in page.locator(".tfos-JobDetail-checkpoints").text_content()
             page.screenshot(path=str(shots / "sidebar-job.png"))
+
+            # Stop the running job from its view; its kernel is busy with a cell meanwhile.
+            running_job.execute("import time; time.sleep(20)")
+            page.locator(".tfos-JobRow[data-job='live']").click()
+            detail = page.locator(".tfos-JobDetail").filter(has_text="live").last
+            detail.locator("button[data-action='stop']").click()
+            page.wait_for_selector(badge.format("live") + ":text('stopped')", timeout=30_000)
+            page.screenshot(path=str(shots / "sidebar-stopped.png"))
         except Exception:
             page.screenshot(path=str(tmp_path / "failure.png"))
+            print("screenshot of the failure:", tmp_path / "failure.png")
             raise
         finally:
             browser.close()
+    job = get_job("live", str(home))
+    assert job.state == "stopped", (job.state, job.error)
+    assert any(e["kind"] == "checkpoint" and e.get("reason") == "stop" for e in job.events), "no stop checkpoint"
