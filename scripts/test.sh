@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Run the whole test suite; sets the machine up first (a no-op when already done).
+# Run the whole test suite (jest, then pytest); sets the machine up first (a no-op when already done).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The sidebar's front-end unit tests (jest), then everything else.
+npm test --silent
 exec .venv/bin/python -m pytest "$@"

@@ -100,6 +100,29 @@ def test_run_injects_the_parameters_and_writes_the_notebook_and_html(trained):
 
 
 @pytest.mark.slow
+def test_the_saved_notebook_keeps_the_dashboard_as_a_summary(trained):
+    """What a headless run leaves in the file, read without a kernel: the live widget's
+    output became the static summary (PNG curve, HTML, text), the widget state is saved
+    for viewers such as GitHub, and nbconvert's HTML shows the curve: no dead boxes."""
+    out = trained["folder"] / "train.out.ipynb"
+    nb = nbformat.read(out, 4)
+    train = next(c for c in nb.cells if c.source.startswith(f"%%tf_train {JOB}"))
+    last = train.outputs[-1]
+    assert last.output_type == "display_data", train.outputs
+    assert {"image/png", "text/html", "text/plain"} <= set(last.data), last.data.keys()
+    assert "application/vnd.jupyter.widget-view+json" not in last.data, "the live view became the summary"
+    final = get_job(JOB, str(trained["home"])).history[-1]
+    assert f"final {final['loss']:.4g}" in last.data["text/html"], last.data["text/html"][-600:]
+    assert "val_loss" in last.data["text/plain"]
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]
+    assert "state" in state and state["state"], "GitHub needs the widget state to render the file"
+    html = subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--stdout", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert html.returncode == 0, html.stderr[-2000:]
+    assert f"<img alt='loss curve of tfos job {JOB}'" in html.stdout.replace('"', "'")
+
+
+@pytest.mark.slow
 def test_jobs_and_status_read_the_store_the_run_left(trained, env):
     job = get_job(JOB, str(trained["home"]))
     assert job.state == "succeeded", job.error

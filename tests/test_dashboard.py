@@ -1,5 +1,5 @@
 """The dashboard's model, widget updates, summary and GPU sampler, driven by scripted
-event streams and a fake GPU (fast, pure logic); the real runs are in test_notebook.py."""
+event streams and a fake GPU (fast, pure logic); the real runs are in test_browser.py and test_cli.py (a saved notebook's summary)."""
 
 import base64
 import time
