@@ -56,7 +56,10 @@ def lab(tmp_path, tfos_kernel):
     log = open(tmp_path / "lab.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}",
                              "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}", "--allow-root",
-                             f"--ServerApp.root_dir={root}"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                             f"--ServerApp.root_dir={root}",
+                             # A layout of its own: one restored from an earlier run (an open panel) would differ.
+                             f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
