@@ -37,7 +37,9 @@ PS_MODEL = regression_cell(inputs=4, hidden=16, learning_rate=0.01)
 NOISE_FLOOR = 0.25
 ETL_VAL = """%%spark_etl {name}
 from pyspark.sql import functions as F
-df = spark.range(16000).select(*[F.rand(seed=i).alias(f"x{{i}}") for i in range(4)])
+# A fixed partition count: spark.range's default follows the executors registered at the
+# time, and a different layout in a restarted attempt gives a worker a few other rows.
+df = spark.range(16000, numPartitions=4).select(*[F.rand(seed=i).alias(f"x{{i}}") for i in range(4)])
 df = df.withColumn("y", 2 * F.col("x0") - 3 * F.col("x1") + 0.5 * F.col("x2") + F.col("x3") + 1.0
                    + 0.5 * F.randn(seed=9))
 val = df.limit(1500)
