@@ -131,13 +131,11 @@ def test_ps_job_survives_a_killed_worker(cluster_kernel, seed):
         _UNFAULTED.update(steps=_final_step(base), loss=base.history[-1]["val_loss"])
     point = failpoint(seed, ps=True)
     job = _ps_run(kernel, home, f"ps_fault{seed}", point)
-    # ps mode, unlike all-reduce (test_faults.py, exact and one interval):
-    # - the step count may differ by one of 1500: unbroken runs themselves end at 1500 or
-    #   1501 (not explained yet, docs/fault-tolerance.md);
-    # - the other worker trains on while the chief saves, and until Spark reports the
-    #   chief's death: a chief killed mid-save loses the interval plus those steps (seen:
-    #   48 with an interval of 40), so up to two intervals are allowed.
-    check_recovery(job, point, int(_UNFAULTED["steps"]), _UNFAULTED["loss"], interval=INTERVAL, step_slack=1,
+    # ps mode: the other worker trains on while the chief saves, and until Spark reports
+    # the chief's death: a chief killed mid-save loses the interval plus those steps
+    # (seen: 48 with an interval of 40), so up to two intervals are allowed. The step
+    # count must match exactly, as in all-reduce (test_faults.py).
+    check_recovery(job, point, int(_UNFAULTED["steps"]), _UNFAULTED["loss"], interval=INTERVAL,
                    lost_allowed=2 * INTERVAL)
     assert tf_processes_gone(f"tfos-ps_fault{seed}-ps"), "no PS task is left running"
     reply, out = kernel.run("assert spark.sparkContext.statusTracker().getActiveJobsIds() == []")

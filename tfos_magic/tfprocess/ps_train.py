@@ -147,9 +147,14 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
         if all(g is None for g in tf.compat.v1.gradients(loss, weights)):
             raise TfosError("The loss does not depend on any trainable weight of the model, so training would "
                             "change nothing. Check that the model's output feeds the loss.")
-        updates = model.optimizer.get_updates(loss, weights)
-        train_op = tf.group(*updates, *model.get_updates_for(None), step_var.assign_add(1),
-                            tf.compat.v1.scatter_nd_add(progress, [[me, 1], [me, 2]], tf.constant([1, 1], tf.int64)))
+        updates = [*model.optimizer.get_updates(loss, weights), *model.get_updates_for(None)]
+        # Counted only once the step's updates ran: the counters do not read the batch, so
+        # without this the step that finds the data exhausted (OutOfRange) could still
+        # count itself, and a resumed worker would then skip a batch it never took.
+        with tf.control_dependencies(updates):
+            count = tf.group(step_var.assign_add(1), tf.compat.v1.scatter_nd_add(
+                progress, [[me, 1], [me, 2]], tf.constant([1, 1], tf.int64)))
+        train_op = tf.group(*updates, count)
         with tf.control_dependencies([train_op]):  # the job's step once this one is taken
             step_after = tf.reduce_sum(progress.read_value()[:, 2])
         epoch_now = tf.compat.v1.placeholder(tf.int64, ())
