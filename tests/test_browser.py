@@ -5,6 +5,7 @@ TFOS_SCREENSHOTS, e.g. docs/, when set; else into the test's temp dir). Then the
 server's Notebook 7 page shows the widget again, rebuilt from the stored job: the widget
 needs no lab extension of its own."""
 
+import contextlib
 import json
 import os
 import secrets
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 from conftest import free_port
@@ -80,6 +82,25 @@ def lab(tmp_path, tfos_kernel):
     log.close()
 
 
+@contextlib.contextmanager
+def chromium_page(tmp_path: Path, height: int = 800) -> Iterator[tuple[Any, Any]]:
+    """Debian's Chromium through Playwright (no browser download) and a page in it; a
+    failure leaves a screenshot of the page in the test's temp dir."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": height})
+        try:
+            yield browser, page
+        except Exception:
+            page.screenshot(path=str(tmp_path / "failure.png"))
+            print("screenshot of the failure:", tmp_path / "failure.png")
+            raise
+        finally:
+            browser.close()
+
+
 def _dismiss_news(page) -> None:
     """JupyterLab asks whether to fetch its news in a toast that would cover the screenshots."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -105,46 +126,35 @@ def _widget_in_notebook7(page, url: str, token: str, shots: Path) -> None:
 
 @pytest.mark.slow
 def test_dashboard_live_then_summary_in_jupyterlab(lab, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     assert shutil.which(CHROMIUM), "Debian's chromium is missing: run scripts/setup.sh (apt-get install chromium)"
     url, token = lab
     shots = Path(os.environ.get("TFOS_SCREENSHOTS") or tmp_path)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(f"{url}/lab/tree/demo.ipynb?token={token}", timeout=60_000)
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-            # The kernel is up when the status bar says so; then Run > Run All Cells.
-            page.wait_for_selector(".jp-StatusBar-Widget :text('| Idle')", timeout=120_000)
-            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
-            page.wait_for_selector(".jp-InputArea-prompt:text('[*]')", timeout=30_000)
-            _dismiss_news(page)
-            # Live: the widget draws the chart (uPlot's canvas) once steps arrive.
-            page.wait_for_selector(".tfos-dash .uplot canvas", timeout=int(os.environ.get("TFOS_BROWSER_WAIT", 240)) * 1000)
-            page.wait_for_function(
-                "() => /step \\d+/.test(document.querySelector('.tfos-dash .tfos-stats')?.textContent || '')"
-                " && document.querySelector('.tfos-dash .tfos-badge')?.textContent === 'running'", timeout=120_000)
-            time.sleep(2)
-            page.locator(".tfos-dash").scroll_into_view_if_needed()
-            page.screenshot(path=str(shots / "dashboard-live.png"))
-            stats = page.locator(".tfos-dash .tfos-stats").text_content()
-            assert "rows/s" in stats and "ETA" in stats, stats
-            # The end: the same output becomes the static summary, with its PNG curve.
-            page.wait_for_selector(".tfos-summary img", timeout=400_000)
-            summary = page.locator(".tfos-summary").text_content()
-            assert "succeeded" in summary and "val_loss" in summary, summary
-            page.locator(".tfos-summary").scroll_into_view_if_needed()
-            page.screenshot(path=str(shots / "dashboard-summary.png"))
-            _widget_in_notebook7(browser.new_page(viewport={"width": 1280, "height": 900}), url, token, shots)
-        except Exception:
-            page.screenshot(path=str(tmp_path / "failure.png"))
-            print("screenshot of the failure:", tmp_path / "failure.png")
-            raise
-        finally:
-            browser.close()
+    with chromium_page(tmp_path, height=1000) as (browser, page):
+        page.goto(f"{url}/lab/tree/demo.ipynb?token={token}", timeout=60_000)
+        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+        # The kernel is up when the status bar says so; then Run > Run All Cells.
+        page.wait_for_selector(".jp-StatusBar-Widget :text('| Idle')", timeout=120_000)
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        page.wait_for_selector(".jp-InputArea-prompt:text('[*]')", timeout=30_000)
+        _dismiss_news(page)
+        # Live: the widget draws the chart (uPlot's canvas) once steps arrive.
+        page.wait_for_selector(".tfos-dash .uplot canvas", timeout=int(os.environ.get("TFOS_BROWSER_WAIT", 240)) * 1000)
+        page.wait_for_function(
+            "() => /step \\d+/.test(document.querySelector('.tfos-dash .tfos-stats')?.textContent || '')"
+            " && document.querySelector('.tfos-dash .tfos-badge')?.textContent === 'running'", timeout=120_000)
+        time.sleep(2)
+        page.locator(".tfos-dash").scroll_into_view_if_needed()
+        page.screenshot(path=str(shots / "dashboard-live.png"))
+        stats = page.locator(".tfos-dash .tfos-stats").text_content()
+        assert "rows/s" in stats and "ETA" in stats, stats
+        # The end: the same output becomes the static summary, with its PNG curve.
+        page.wait_for_selector(".tfos-summary img", timeout=400_000)
+        summary = page.locator(".tfos-summary").text_content()
+        assert "succeeded" in summary and "val_loss" in summary, summary
+        page.locator(".tfos-summary").scroll_into_view_if_needed()
+        page.screenshot(path=str(shots / "dashboard-summary.png"))
+        _widget_in_notebook7(browser.new_page(viewport={"width": 1280, "height": 900}), url, token, shots)
     assert (shots / "dashboard-live.png").stat().st_size > 10_000
     assert (shots / "dashboard-summary.png").stat().st_size > 10_000
     assert (shots / "dashboard-notebook7.png").stat().st_size > 10_000

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import kernel_run
 from jupyter_client.manager import start_new_kernel
-from test_browser import CHROMIUM, _dismiss_news, lab  # noqa: F401 - `lab` is a fixture
+from test_browser import _dismiss_news, chromium_page, lab  # noqa: F401 - `lab` is a fixture
 
 from tfos_magic import get_job
 
@@ -68,48 +68,37 @@ def _store_jobs(home: Path) -> None:
 
 @pytest.mark.slow
 def test_the_sidebar_shows_every_job_opens_one_and_stops_the_running_one(lab, running_job, tmp_path):  # noqa: F811
-    from playwright.sync_api import sync_playwright
-
     url, token = lab
     home = tmp_path / "home"  # the lab fixture's TFOS_HOME
     _store_jobs(home)
     shots = Path(os.environ.get("TFOS_SCREENSHOTS") or tmp_path)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
-        try:
-            page.goto(f"{url}/lab?token={token}", timeout=60_000)
-            page.wait_for_selector(".jp-LabShell", timeout=60_000)
-            _dismiss_news(page)
-            tab = page.locator(".jp-SideBar.jp-mod-left li[data-id='tfos-magic-jobs']")
-            if "lm-mod-current" not in (tab.get_attribute("class") or ""):  # a click on an open panel closes it
-                tab.click()
-            page.wait_for_selector(".tfos-JobRow[data-job='curve']", timeout=30_000)
-            badge = ".tfos-JobRow[data-job='{}'] .tfos-StateBadge"
-            page.wait_for_selector(badge.format("live") + ":text('running')", timeout=30_000)
-            assert page.locator(badge.format("curve")).text_content() == "succeeded"
-            assert page.locator(badge.format("broken")).text_content() == "failed"
-            assert "null values" in page.locator(".tfos-JobRow[data-job='broken']").text_content()
-            assert page.locator(".tfos-JobRow[data-job='curve'] .tfos-Sparkline path").count() == 1
-            page.screenshot(path=str(shots / "sidebar.png"))
-            page.locator(".tfos-JobRow[data-job='curve']").click()
-            page.wait_for_selector(".tfos-LossChart-line", timeout=30_000)
-            assert "ckpt-290" in page.locator(".tfos-JobDetail-checkpoints").text_content()
-            page.screenshot(path=str(shots / "sidebar-job.png"))
+    with chromium_page(tmp_path) as (_, page):
+        page.goto(f"{url}/lab?token={token}", timeout=60_000)
+        page.wait_for_selector(".jp-LabShell", timeout=60_000)
+        _dismiss_news(page)
+        tab = page.locator(".jp-SideBar.jp-mod-left li[data-id='tfos-magic-jobs']")
+        if "lm-mod-current" not in (tab.get_attribute("class") or ""):  # a click on an open panel closes it
+            tab.click()
+        page.wait_for_selector(".tfos-JobRow[data-job='curve']", timeout=30_000)
+        badge = ".tfos-JobRow[data-job='{}'] .tfos-StateBadge"
+        page.wait_for_selector(badge.format("live") + ":text('running')", timeout=30_000)
+        assert page.locator(badge.format("curve")).text_content() == "succeeded"
+        assert page.locator(badge.format("broken")).text_content() == "failed"
+        assert "null values" in page.locator(".tfos-JobRow[data-job='broken']").text_content()
+        assert page.locator(".tfos-JobRow[data-job='curve'] .tfos-Sparkline path").count() == 1
+        page.screenshot(path=str(shots / "sidebar.png"))
+        page.locator(".tfos-JobRow[data-job='curve']").click()
+        page.wait_for_selector(".tfos-LossChart-line", timeout=30_000)
+        assert "ckpt-290" in page.locator(".tfos-JobDetail-checkpoints").text_content()
+        page.screenshot(path=str(shots / "sidebar-job.png"))
 
-            # Stop the running job from its view; its kernel is busy with a cell meanwhile.
-            running_job.execute("import time; time.sleep(20)")
-            page.locator(".tfos-JobRow[data-job='live']").click()
-            detail = page.locator(".tfos-JobDetail").filter(has_text="live").last
-            detail.locator("button[data-action='stop']").click()
-            page.wait_for_selector(badge.format("live") + ":text('stopped')", timeout=30_000)
-            page.screenshot(path=str(shots / "sidebar-stopped.png"))
-        except Exception:
-            page.screenshot(path=str(tmp_path / "failure.png"))
-            print("screenshot of the failure:", tmp_path / "failure.png")
-            raise
-        finally:
-            browser.close()
+        # Stop the running job from its view; its kernel is busy with a cell meanwhile.
+        running_job.execute("import time; time.sleep(20)")
+        page.locator(".tfos-JobRow[data-job='live']").click()
+        detail = page.locator(".tfos-JobDetail").filter(has_text="live").last
+        detail.locator("button[data-action='stop']").click()
+        page.wait_for_selector(badge.format("live") + ":text('stopped')", timeout=30_000)
+        page.screenshot(path=str(shots / "sidebar-stopped.png"))
     job = get_job("live", str(home))
     assert job.state == "stopped", (job.state, job.error)
     assert any(e["kind"] == "checkpoint" and e.get("reason") == "stop" for e in job.events), "no stop checkpoint"
