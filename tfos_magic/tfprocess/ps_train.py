@@ -167,6 +167,11 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
             val_loss = _loss(model, vy, model(vx, training=False))
         finished_epochs = tf.compat.v1.placeholder(tf.int64, ())
         next_epoch = epoch_var.assign(finished_epochs)
+        # A worker past its last epoch marks itself so (its epoch column = --epochs): the
+        # chief waits for those marks before its final validation and save, or the model
+        # would miss the last updates of workers still training (they are asynchronous).
+        mark_finished = tf.compat.v1.scatter_nd_update(progress, [[me, 0], [me, 1]],
+                                                       tf.constant([ctx.epochs, 0], tf.int64))
     sess = ctx.session(tf.compat.v1.train.Saver(max_to_keep=3))
     tf.compat.v1.keras.backend.set_session(sess)
     step, initial_epoch, mine = sess.run([job_step, epoch_var, progress[me]])
@@ -205,6 +210,10 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
             if every and ctx.is_chief and step - last_saved >= every:
                 ctx.save(sess, int(step), epoch=epoch)
                 last_saved = step
+        if epoch == ctx.epochs - 1:
+            if ctx.is_chief:
+                step = _wait_for_workers(sess, ctx, progress, job_step, epoch)
+            sess.run(mark_finished)
         metrics = {"loss": total / steps if steps else None,  # None: all its steps came before a restart
                    "rows_per_s": (ctx.feed.rows_delivered - rows0) / (time.monotonic() - t0)}
         if val is not None:
@@ -219,6 +228,29 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
         board.close()
     ctx.feed.drain()
     return model
+
+
+def _wait_for_workers(sess: Any, ctx: PSContext, progress: Any, job_step: Any, epoch: int) -> int:
+    """The chief, at the end of its last epoch: wait until every other worker has marked its
+    last epoch done; returns the job's step then. A worker that dies ends this attempt
+    (the notebook halts it); one that makes no step for --start-timeout seconds is an error;
+    a stop request is honoured here as during training."""
+    others = [w for w in range(ctx.num_workers) if w != ctx.worker_index]
+    last_step, last_change = -1, time.monotonic()
+    while True:
+        marks, step = sess.run([progress[:, 0], job_step])
+        step = int(step)
+        if all(int(marks[w]) >= ctx.epochs for w in others):
+            return step
+        if step != last_step:
+            last_step, last_change = step, time.monotonic()
+        elif time.monotonic() - last_change > ctx.options.start_timeout:
+            waiting = [w for w in others if int(marks[w]) < ctx.epochs]
+            raise TfosError(f"The chief finished its last epoch, but worker(s) {waiting} took no step for "
+                            f"{ctx.options.start_timeout:.0f} s (see their logs in the job's directory).")
+        if ctx.should_stop(step):
+            ctx.stop_here(sess, step, epoch=epoch)
+        time.sleep(0.1)
 
 
 def _scalars(writer: Any, step: int, **values: float | None) -> None:
