@@ -25,6 +25,8 @@ from .failpoints import Failpoint
 from .failures import failure
 from .stopping import StopRequested, StopSignal
 
+PACK_BYTES = 32 << 20
+
 
 class _PrintsToNotebook(io.TextIOBase):
     """What the cell prints goes to the notebook as `log` events, line by line, and to the log file."""
@@ -106,8 +108,9 @@ def run(config: TaskConfig) -> dict[str, Any]:
         sys.stderr.flush()
         result = failure(exc, log_tail(config.log_path))  # the traceback itself is in the details
         traceback.print_exc()
-        channel.send(make_event("error", index, role=role, message=result["error"], details=result["details"]))
     finally:
+        # The cell's shutdown() runs before the error goes out: the notebook halts the
+        # attempt on the first error, and a halted process exits at once.
         shutdown = namespace.get("shutdown")
         if callable(shutdown):
             try:
@@ -116,6 +119,8 @@ def run(config: TaskConfig) -> dict[str, Any]:
                 print(f"tfos: shutdown() failed: {exc!r}", file=sys.stderr)
         for item in reversed(cleanup):
             item.close()
+        if result["status"] == "error":
+            channel.send(make_event("error", index, role=role, message=result["error"], details=result["details"]))
         channel.send(make_event("finished", index, role=role, status=result["status"]))
         channel.close()
     return result
@@ -131,6 +136,19 @@ def _join_cluster(config: TaskConfig, cleanup: list[Any]) -> dict[str, list[str]
     registry.register(config.role, config.index, address)
     opts = config.plan.options
     return registry.wait_cluster({"ps": opts.ps, "worker": opts.workers}, timeout=opts.start_timeout)
+
+
+def allreduce_strategy(tf: Any, num_workers: int) -> Any:
+    """MultiWorkerMirroredStrategy, its gradients all-reduced in a few packed collectives
+    rather than one per tensor. One worker has no peer to reduce with: it gets TF's
+    default strategy (MirroredStrategy with several local GPUs), which skips the
+    collective runtime's start-up and its per-step cost."""
+    if num_workers > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(bytes_per_pack=PACK_BYTES))
+    if len(tf.config.list_logical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
 
 
 def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup: list[Any],
@@ -155,7 +173,7 @@ def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup:
         strategy: Any = ps_train.PSStrategy(cluster, config.index)
     cells.run_cell(plan.train_source, plan.job, namespace)
     if not ps_mode:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = allreduce_strategy(tf, config.num_workers)
     feed = ArrowFeed(sys.stdin.buffer, plan.feed, config.workdir)
     ctx = (ps_train.PSContext if ps_mode else TrainContext)(
         job=plan.job, strategy=strategy, feed=feed, worker_index=config.index, num_workers=config.num_workers,
