@@ -97,5 +97,7 @@ def test_a_killed_worker_costs_at_most_one_interval(shell, monkeypatch, seed):
     point = failpoint(seed)
     monkeypatch.setenv("TFOS_FAILPOINT", point)
     job = _train(shell, f"fault{seed}")
-    check_recovery(job, point, steps, loss)
+    # A restart streams its first epoch again, which may end one empty step later than the
+    # unbroken run's epoch read from the spill (docs/fault-tolerance.md).
+    check_recovery(job, point, steps, loss, step_slack=1)
     assert [r["epoch"] for r in job.history] == [1, 2, 3]

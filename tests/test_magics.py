@@ -138,6 +138,29 @@ def test_uneven_and_empty_partitions_do_not_hang(shell):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("second", [1000, 0])
+def test_uneven_partitions_take_the_agreed_steps_every_epoch(shell, second):
+    """Worker 0 has 2,000 rows, worker 1 half as many or none. Epoch 1 streams from Spark
+    and agrees the end of data at each step; later epochs agree their step count once
+    (keras_fit.agreed_steps), and the worker with fewer rows takes empty batches: exactly
+    the larger partition's 20 batches. TF's per-step agreement may take one more step, an
+    empty one on every worker, at the end of the streamed epoch."""
+    name = f"uneven{second}"
+    run(shell, f"%%spark_etl {name}\nfrom pyspark.sql import functions as F\n"
+               f"spark.range(0, 4000, numPartitions=2).where(F.col('id') < {2000 + second})"
+               ".select(F.rand(1).alias('a'), F.rand(2).alias('b')).withColumn('y', F.col('a') - F.col('b'))\n")
+    _, err = run(shell, f"%%tf_train {name} --workers 2 --epochs 3 --batch-size 100 --label y\n" + MODEL)
+    assert err is None, err
+    job = get_job(name)
+    ends = {(e["worker"], e["epoch"]): e["step"] for e in job.events if e["kind"] == "epoch"}
+    first = ends[(0, 1)]
+    assert first in (20, 21) and ends == {(w, n): first + 20 * (n - 1) for w in (0, 1) for n in (1, 2, 3)}, ends
+    assert all(row["loss"] < 1.0 for row in job.history), job.history
+    done = [e for e in job.events if e["kind"] == "finished"]
+    assert len(done) == 2 and all(e["status"] == "ok" for e in done), done
+
+
+@pytest.mark.slow
 def test_workers_that_never_start_fail_within_the_start_timeout(shell):
     # No shuffle before the barrier stage (one partition per worker already), so a
     # partition whose first row never comes keeps its TF worker from starting.

@@ -149,6 +149,25 @@ class ArrowFeed:
         on those rows twice (and taking more steps than an unbroken run)."""
         self._skip_rows = max(0, int(rows))
 
+    def next_pass_rows(self) -> int | None:
+        """Training rows the next pass will deliver (after skip_next_pass); None until the
+        stream has been read to its end, when only the pass itself can tell."""
+        if not self._done:
+            return None
+        return max(0, self.rows["train"] - self._skip_rows)
+
+    def padded_dataset(self, batch_size: int):
+        """`dataset(batch_size)`, then empty (zero-row) batches without end, for a pass of an
+        agreed number of steps (keras_fit.agreed_steps): a worker whose rows run out before
+        its peers' takes empty batches, which add nothing to the gradients, as TF's own
+        end-of-data handling gives it. Declared infinite, so TF's distributed iterator
+        drops its per-step agreement on the end of data."""
+        import tensorflow as tf
+
+        empty = tf.nest.map_structure(lambda s: tf.zeros([0, *s.shape[1:]], s.dtype), self.element_spec())
+        ds = self.dataset(batch_size).concatenate(tf.data.Dataset.from_tensors(empty).repeat())
+        return ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
+
     def dataset(self, batch_size: int, split: str = "train"):
         """A tf.data.Dataset of this worker's rows, `batch_size` rows a step, re-iterable per epoch."""
         import tensorflow as tf

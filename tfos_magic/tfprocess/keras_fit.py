@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -22,10 +23,19 @@ NO_WEIGHTS = ("The model has no trainable weights, so training would change noth
 
 
 class TfosCallback(tf.keras.callbacks.Callback):
-    """Reports step and epoch metrics to the driver and checkpoints on schedule."""
+    """Reports step and epoch metrics to the driver and checkpoints on schedule.
+
+    It costs the step loop no host sync: the step is counted here from the epoch's first
+    step (read once an epoch) and Keras' batch index, and the logs stay tensors
+    (`_supports_tf_logs`) until a report is due, about once a second; the loss's
+    finiteness is checked then and at each epoch's end. With `steps_per_execution=k`
+    Keras calls this every k steps, so checkpoints fall on the first call at or past
+    each multiple of --checkpoint-every-steps (the same step on every worker).
+    """
 
     def __init__(self, ctx: TrainContext, ckpt, every_steps: int) -> None:
         super().__init__()
+        self._supports_tf_logs = True
         self.ctx = ctx
         self.ckpt = ckpt
         self.every_steps = every_steps
@@ -33,40 +43,53 @@ class TfosCallback(tf.keras.callbacks.Callback):
         self._rows0 = 0
         self._t0 = time.monotonic()
         self._epoch = 0
+        self._epoch_step0 = 0
+        self._last_step = 0
 
-    def _step(self) -> int:
+    def _read_step(self) -> int:
         return int(self.model.optimizer.iterations.numpy())
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if not self.model.trainable_weights:
+            raise TfosError(NO_WEIGHTS)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._rows0, self._t0 = self.ctx.feed.rows_delivered, time.monotonic()
         self._epoch = epoch
+        self._epoch_step0 = self._last_step = self._read_step()
 
     def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self.ctx.failpoint.hit("validation")
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if not self.model.trainable_weights:
-            raise TfosError(NO_WEIGHTS)
-        step = self._step()
-        check_finite((logs or {}).get("loss"), step, self.ctx.worker_index, self.ctx.checkpoint_dir)
+        step = self._epoch_step0 + batch + 1
+        last, self._last_step = self._last_step, step
         if self._epoch == 0:
             self.ctx.failpoint.hit("streaming")
         if self.ctx.should_stop(step):
             self.ctx.stop_here(self.ckpt, step)
-        if self.every_steps and step % self.every_steps == 0:
+        if self.every_steps and step // self.every_steps > last // self.every_steps:
             self.ckpt.save(step)
         if self.throttle():
+            values = {k: _python(v) for k, v in (logs or {}).items()}
+            check_finite(values.get("loss"), step, self.ctx.worker_index, self.ctx.checkpoint_dir)
             elapsed = max(time.monotonic() - self._t0, 1e-9)
             rate = (self.ctx.feed.rows_delivered - self._rows0) / elapsed
-            self.ctx.report(step=step, rows_per_s=rate, **(logs or {}))
+            self.ctx.report(step=step, rows_per_s=rate, **values)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        step = self._step()
+        step = self._read_step()
         elapsed = max(time.monotonic() - self._t0, 1e-9)
-        metrics = dict(logs or {})
+        metrics = {k: _python(v) for k, v in (logs or {}).items()}
+        check_finite(metrics.get("loss"), step, self.ctx.worker_index, self.ctx.checkpoint_dir)
         metrics["rows_per_s"] = (self.ctx.feed.rows_delivered - self._rows0) / elapsed
         self.ctx.report(step=step, epoch=epoch + 1, **metrics)
         self.ckpt.save(step, epoch=epoch + 1, reason="epoch")
+
+
+def _python(value: Any) -> Any:
+    """A log value as a Python number (Keras hands tensors to callbacks that take them)."""
+    return value.numpy().item() if hasattr(value, "numpy") else value
 
 
 def tensorboard_installed() -> bool:
@@ -101,20 +124,31 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool) -> Any
     ctx.send("training", initial_step=initial_step, initial_epoch=initial_epoch, restored_from=restored,
              skipped_steps=done_in_epoch)
     data = ctx.distributed_dataset()
+    padded = None  # later passes: a fixed number of steps, agreed once per epoch
     val = ctx.distributed_dataset(split="validation") if ctx.feed.spec.has_validation else None
     callbacks: list[Any] = [TfosCallback(ctx, ckpt, ctx.options.checkpoint_every_steps)]
     if ctx.is_chief and ctx.log_dir and tensorboard_installed():
         # For `%tensorboard --logdir`; the chief only, and no profiling.
         callbacks.append(tf.keras.callbacks.TensorBoard(ctx.log_dir, update_freq=TENSORBOARD_EVERY_STEPS,
                                                         profile_batch=0, write_graph=False))
+    per_execution = _steps_per_execution(model)
     for epoch in range(initial_epoch, ctx.epochs):
         if not (epoch == initial_epoch and done_in_epoch):
             ckpt.epoch_start.assign(int(model.optimizer.iterations.numpy()))
-        # One fit call per epoch, each a full pass that ends when every worker's data is
-        # exhausted: TF's distributed iterator agrees the end across workers each step, so
-        # uneven or empty partitions cannot hang a collective. The step bound is never reached.
+        steps = agreed_steps(ctx)
+        if steps == 0:  # every worker's rows of this epoch were trained on before a restart
+            _finish_epoch(model, ctx, ckpt, val, epoch)
+            continue
+        if steps is not None:
+            padded = padded or ctx.strategy.distribute_datasets_from_function(
+                lambda _ctx: ctx.feed.padded_dataset(ctx.batch_size))
+        # A streamed pass runs one step per call: several steps a call with TF's per-step
+        # end-of-data agreement break the all-gather of embedding gradients across workers
+        # (a shape mismatch in CollectiveGatherV2, also without tfos).
+        _use_steps_per_execution(model, per_execution if steps is not None or ctx.num_workers == 1 else 1)
         try:
-            model.fit(data, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=UNBOUNDED_STEPS,
+            model.fit(data if steps is None else padded, epochs=epoch + 1, initial_epoch=epoch,
+                      steps_per_epoch=steps or UNBOUNDED_STEPS,
                       validation_data=val, validation_steps=UNBOUNDED_STEPS if val else None,
                       callbacks=callbacks, verbose=0)
         except (ValueError, TypeError) as exc:  # raised while tracing the first step
@@ -128,6 +162,42 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool) -> Any
             raise explained from exc
     ctx.feed.drain()  # e.g. already trained to --epochs: let the Spark task finish its partition
     return model
+
+
+def _steps_per_execution(model: Any) -> int:
+    """What the user's compile() set (1 by default; an autotuned value counts as 1)."""
+    var = getattr(model, "_steps_per_execution", None)
+    return 1 if var is None or getattr(model, "_autotune_steps_per_execution", False) else int(var.numpy())
+
+
+def _use_steps_per_execution(model: Any, n: int) -> None:
+    var = getattr(model, "_steps_per_execution", None)
+    if var is None or getattr(model, "_autotune_steps_per_execution", False) or int(var.numpy()) == n:
+        return
+    var.assign(n)
+    model.train_function = None  # rebuilt by the next fit: one step a call, or several
+
+
+def agreed_steps(ctx: TrainContext) -> int | None:
+    """The steps of this epoch, agreed by all workers in one all-gather; None while any
+    worker still streams its partition from Spark (its row count is not known yet).
+
+    With None, the epoch is one unbounded `fit` pass that ends when every worker's data
+    is exhausted: TF's distributed iterator agrees the end across workers at every step,
+    so uneven or empty partitions cannot hang a collective, but each step pays for that
+    agreement. Once every worker has its rows in its local spill, each knows how many
+    batches its next pass holds; the epoch then takes the largest count, and a worker
+    with fewer takes empty batches meanwhile (ArrowFeed.padded_dataset), as TF's own
+    end-of-data handling feeds it, with no per-step agreement. (A streamed pass may take
+    one step more: TF's agreement can end it with a step that is empty on every worker.)
+    """
+    rows = ctx.feed.next_pass_rows()
+    per_step = ctx.batch_size * max(1, ctx.strategy.num_replicas_in_sync // max(1, ctx.num_workers))
+    mine = -1 if rows is None else math.ceil(rows / per_step)
+    if ctx.num_workers == 1 and ctx.strategy.num_replicas_in_sync == 1:
+        return None if mine < 0 else mine
+    counts = ctx.strategy.gather(ctx.strategy.run(lambda: tf.constant([mine], tf.int64)), axis=0).numpy()
+    return None if counts.min() < 0 else int(counts.max())
 
 
 def _finish_epoch(model: Any, ctx: TrainContext, ckpt: Any, val: Any, epoch: int) -> None:
