@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,9 @@ class TaskConfig:
     num_workers: int
     bind_host: str
     workdir: str  # the task's private dir: config, spill files, log and result
+    # Environment the TF process sets once it reads this config (it is started before the
+    # cluster is agreed: TF_CONFIG comes here, not through its initial environment).
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def result_path(self) -> str:
@@ -108,12 +112,29 @@ class TaskConfig:
         return env
 
     def write(self) -> str:
+        """Written whole, then renamed into place: the TF process may be polling for it."""
         data = {"role": self.role, "index": self.index, "num_workers": self.num_workers,
-                "bind_host": self.bind_host, "workdir": self.workdir, "plan": self.plan.to_dict(secrets=False)}
+                "bind_host": self.bind_host, "workdir": self.workdir, "env": self.env,
+                "plan": self.plan.to_dict(secrets=False)}
         # Owner-only, although the secrets travel in the environment (secret_env), not here.
-        with open(os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        tmp = self.config_path + ".tmp"
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(data, f)
+        os.replace(tmp, self.config_path)
         return self.config_path
+
+    @classmethod
+    def wait(cls, path: str, timeout: float, env: dict[str, str] | None = None) -> "TaskConfig":
+        """The config, once the Spark task has written it. The task starts this process
+        first and writes the config after its first batch and the cluster agreement; a
+        task that fails meanwhile kills this process, so the timeout only bounds a
+        task that hangs."""
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no task config at {path} after {timeout:.0f} s")
+            time.sleep(0.02)
+        return cls.read(path, env)
 
     @classmethod
     def read(cls, path: str, env: dict[str, str] | None = None) -> "TaskConfig":

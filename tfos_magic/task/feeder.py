@@ -1,8 +1,9 @@
 """Runs in a Spark task on an executor: one task = one TF process (a worker or a PS).
 
-A worker task peeks at its first Arrow batch (array lengths, emptiness), agrees the TF
-cluster with its peers through `BarrierTaskContext.allGather`, starts a fresh TF
-child process and streams its partition into the child's stdin as Arrow IPC. The
+A worker task starts a fresh TF child process (which imports TensorFlow meanwhile),
+peeks at its first Arrow batch (array lengths, emptiness), agrees the TF cluster with
+its peers through `BarrierTaskContext.allGather`, hands the child its config and
+streams its partition into the child's stdin as Arrow IPC. The
 child dies with the task: PR_SET_PDEATHSIG kills it if the Spark worker is killed.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import shutil
@@ -117,13 +119,15 @@ def run_worker(plan: TaskPlan, batches: Iterator[pa.RecordBatch]) -> pa.RecordBa
 
     task = BarrierTaskContext.get()
     index = task.partitionId()
-    first, rest = _peek(batches)
     host = _host(plan, task, index)
-    addrs, lengths = _agree_cluster(task, host, first, plan.feed)
-    env = gpu_env(task.resources())
-    if plan.strategy == "allreduce":
-        env["TF_CONFIG"] = json.dumps({"cluster": {"worker": addrs}, "task": {"type": "worker", "index": index}})
-    return _run_child(plan.with_array_lengths(lengths), "worker", index, len(addrs), host, env, first, rest)
+    # Started first: TensorFlow's import (seconds) overlaps the first batch and the agreement.
+    with TFProcess(plan, "worker", index, host, gpu_env(task.resources())) as child:
+        first, rest = _peek(batches)
+        addrs, lengths = _agree_cluster(task, host, first, plan.feed)
+        env = {}
+        if plan.strategy == "allreduce":
+            env["TF_CONFIG"] = json.dumps({"cluster": {"worker": addrs}, "task": {"type": "worker", "index": index}})
+        return child.run(plan.with_array_lengths(lengths), len(addrs), env, first, rest)
 
 
 def run_ps(plan: TaskPlan, index: int) -> pa.RecordBatch:
@@ -133,7 +137,8 @@ def run_ps(plan: TaskPlan, index: int) -> pa.RecordBatch:
     host = plan.host or os.environ.get("SPARK_LOCAL_IP") or socket.gethostbyname(socket.gethostname())
     task = TaskContext.get()
     env = gpu_env(task.resources()) if task is not None else {}
-    return _run_child(plan, "ps", index, plan.options.workers, host, env, None, iter(()))
+    with TFProcess(plan, "ps", index, host, env) as child:
+        return child.run(plan, plan.options.workers, {}, None, iter(()))
 
 
 def gpu_env(resources: dict[str, Any]) -> dict[str, str]:
@@ -151,29 +156,39 @@ def _host(plan: TaskPlan, task: Any, index: int) -> str:
     return plan.host or task.getTaskInfos()[index].address.rsplit(":", 1)[0]
 
 
-def _run_child(plan: TaskPlan, role: str, index: int, num_workers: int, host: str, env: dict[str, str],
-               first: pa.RecordBatch | None, rest: Iterator[pa.RecordBatch]) -> pa.RecordBatch:
-    """Start the TF process for this task, feed it, wait for it and return its result row."""
-    workdir = tempfile.mkdtemp(prefix=f"tfos-{plan.job}-{role}{index}-")
-    config = TaskConfig(plan, role, index, num_workers, host, workdir)
-    try:
-        config.write()
-        env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", **config.secret_env(), **env)
-        with open(config.log_path, "wb") as log:
-            child = subprocess.Popen([sys.executable, "-m", CHILD_MODULE, config.config_path],
-                                     stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                                     env=env, preexec_fn=_die_with_parent)
-        try:
-            _stream(child, first, rest)
-            code = child.wait()
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-        return _result(config, code)
-    finally:
+class TFProcess:
+    """This task's TF process, started before its config exists so that it imports
+    TensorFlow while the task still peeks at its first batch and agrees the cluster; it
+    then waits for the config (TaskConfig.wait). Leaving the `with` block kills it if it
+    still runs (a failed agreement, an empty DataFrame, an interrupt) and removes its
+    working directory."""
+
+    def __init__(self, plan: TaskPlan, role: str, index: int, host: str, env: dict[str, str]) -> None:
+        self.workdir = tempfile.mkdtemp(prefix=f"tfos-{plan.job}-{role}{index}-")
+        self.config = TaskConfig(plan, role, index, plan.options.workers, host, self.workdir)
+        env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", **self.config.secret_env(), **env)
+        with open(self.config.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", CHILD_MODULE, self.config.config_path, str(plan.options.start_timeout)],
+                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+
+    def __enter__(self) -> "TFProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
         if not os.environ.get("TFOS_KEEP_WORKDIR"):
-            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def run(self, plan: TaskPlan, num_workers: int, env: dict[str, str], first: pa.RecordBatch | None,
+            rest: Iterator[pa.RecordBatch]) -> pa.RecordBatch:
+        """Hand the process its config, feed it the partition, wait for it; its result row."""
+        self.config = dataclasses.replace(self.config, plan=plan, num_workers=num_workers, env=env)
+        self.config.write()
+        _stream(self.process, first, rest)
+        return _result(self.config, self.process.wait())
 
 
 def _stream(child: subprocess.Popen, first: pa.RecordBatch | None, rest: Iterator[pa.RecordBatch]) -> None:

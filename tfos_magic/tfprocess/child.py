@@ -3,8 +3,9 @@
 TF's collective runtime is set up once per process and Spark reuses its Python
 workers, so TF never runs in the Spark worker itself. This process reads its Arrow
 stream on stdin, runs the user's cell, and leaves a result file for the feeding task.
-Usage: python -m tfos_magic.tfprocess.child CONFIG.json (secrets in the environment:
-protocol/plan.py).
+Usage: python -m tfos_magic.tfprocess.child CONFIG.json [WAIT_S] (secrets in the
+environment: protocol/plan.py). It imports TensorFlow first, then waits up to WAIT_S
+seconds for CONFIG.json, which the Spark task writes once the cluster is agreed.
 """
 
 from __future__ import annotations
@@ -204,7 +205,15 @@ def main(argv: list[str]) -> int:
     # A crash in native code (TF, Arrow) leaves the Python stack in the log, which the
     # Spark task sends to the notebook's errors/ dir.
     faulthandler.enable()
-    config = TaskConfig.read(argv[1])
+    # Imported before the config exists: the Spark task writes it after its first batch
+    # and the cluster agreement, which this import (seconds of CPU) now overlaps.
+    try:
+        import tensorflow  # noqa: F401
+    except BaseException:  # noqa: BLE001 - raised again where run() imports it, and reported from there
+        pass
+
+    config = TaskConfig.wait(argv[1], timeout=float(argv[2]) if len(argv) > 2 else 600.0)
+    os.environ.update(config.env)
     result = run(config)
     tmp = config.result_path + ".tmp"
     with open(tmp, "w") as f:

@@ -5,7 +5,7 @@ Inert unless the kernel that launches the job has TFOS_FAILPOINT set; the plan c
 it to the TF processes, wherever they run. The form is PHASE:WORKER[:AFTER[:DELAY]]:
 worker WORKER dies at its AFTER-th pass through PHASE (0 = the first), DELAY seconds
 later (so that it lands inside the work that follows, such as a checkpoint's writes).
-Phases: startup (before TF is imported), streaming (a training step of the first
+Phases: startup (as the TF process connects, before it joins the cluster), streaming (a training step of the first
 epoch, while Spark still streams the partition), checkpoint (a checkpoint save),
 validation (a validation batch), final_save (saving the final model).
 """
