@@ -192,7 +192,8 @@ def test_ps_trains_like_allreduce(shell, model):
 
 
 @pytest.mark.slow
-def test_ps_refuses_a_model_with_nothing_to_train(shell):
+@pytest.mark.parametrize("strategy", ["ps", "allreduce"])
+def test_ps_refuses_a_model_with_nothing_to_train(shell, strategy):
     run(shell, PARITY_ETL.format(name="frozen"))
     cell = """import tensorflow as tf
 def build_model():
@@ -201,6 +202,6 @@ def build_model():
     m.compile(optimizer=tf.keras.optimizers.Adam(0.02), loss="mse")
     return m
 """
-    _, err = run(shell, "%%tf_train frozen --strategy ps --label y --max-restarts 0\n" + cell)
+    _, err = run(shell, f"%%tf_train frozen --strategy {strategy} --label y --max-restarts 0\n" + cell)
     assert isinstance(err, TfosError) and "no trainable weights" in str(err), err
     assert get_job("frozen").state == "failed"

@@ -45,13 +45,10 @@ class TfosCallback(tf.keras.callbacks.Callback):
         self._epoch = 0
         self._epoch_step0 = 0
         self._last_step = 0
+        self._weights_checked = False
 
     def _read_step(self) -> int:
         return int(self.model.optimizer.iterations.numpy())
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        if not self.model.trainable_weights:
-            raise TfosError(NO_WEIGHTS)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._rows0, self._t0 = self.ctx.feed.rows_delivered, time.monotonic()
@@ -62,6 +59,10 @@ class TfosCallback(tf.keras.callbacks.Callback):
         self.ctx.failpoint.hit("validation")
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if not self._weights_checked:  # after a first step: a model without an Input is built by it
+            self._weights_checked = True
+            if not self.model.trainable_weights:
+                raise TfosError(NO_WEIGHTS)
         step = self._epoch_step0 + batch + 1
         last, self._last_step = self._last_step, step
         if self._epoch == 0:
