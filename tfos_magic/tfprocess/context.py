@@ -41,6 +41,11 @@ class TrainContext:
     def is_chief(self) -> bool:
         return self.worker_index == 0
 
+    @property
+    def rows_per_step(self) -> int:
+        """Rows this worker takes in one step: a batch for each of its local replicas."""
+        return self.batch_size * max(1, self.strategy.num_replicas_in_sync // max(1, self.num_workers))
+
     def checkpoint_path(self, name: str) -> str:
         """A file in the checkpoint dir, which may be a URI (no os.path)."""
         return join_uri(self.checkpoint_dir, name)

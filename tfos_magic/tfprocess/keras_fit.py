@@ -119,9 +119,7 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool) -> Any
     epoch_start = int(ckpt.epoch_start.numpy())
     done_in_epoch = initial_step - epoch_start if restored and 0 <= epoch_start <= initial_step else 0
     if done_in_epoch:
-        # Go on where the epoch was: each step took batch_size rows on each local replica.
-        replicas = max(1, ctx.strategy.num_replicas_in_sync // max(1, ctx.num_workers))
-        ctx.feed.skip_next_pass(done_in_epoch * ctx.batch_size * replicas)
+        ctx.feed.skip_next_pass(done_in_epoch * ctx.rows_per_step)  # go on where the epoch was
     ctx.send("training", initial_step=initial_step, initial_epoch=initial_epoch, restored_from=restored,
              skipped_steps=done_in_epoch)
     data = ctx.distributed_dataset()
@@ -133,20 +131,24 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool) -> Any
         callbacks.append(tf.keras.callbacks.TensorBoard(ctx.log_dir, update_freq=TENSORBOARD_EVERY_STEPS,
                                                         profile_batch=0, write_graph=False))
     per_execution = _steps_per_execution(model)
+    user_k = 1 if per_execution is None else int(per_execution.numpy())
+    sparse = any(isinstance(layer, tf.keras.layers.Embedding) for layer in model.submodules)
     for epoch in range(initial_epoch, ctx.epochs):
         if not (epoch == initial_epoch and done_in_epoch):
             ckpt.epoch_start.assign(int(model.optimizer.iterations.numpy()))
-        steps = agreed_steps(ctx)
+        steps, full = agreed_steps(ctx)
         if steps == 0:  # every worker's rows of this epoch were trained on before a restart
             _finish_epoch(model, ctx, ckpt, val, epoch)
             continue
         if steps is not None:
             padded = padded or ctx.strategy.distribute_datasets_from_function(
                 lambda _ctx: ctx.feed.padded_dataset(ctx.batch_size))
-        # A streamed pass runs one step per call: several steps a call with TF's per-step
-        # end-of-data agreement break the all-gather of embedding gradients across workers
-        # (a shape mismatch in CollectiveGatherV2, also without tfos).
-        _use_steps_per_execution(model, per_execution if steps is not None or ctx.num_workers == 1 else 1)
+        # Several steps a call break the all-gather of embedding gradients across workers
+        # when batch sizes change within one call (a shape mismatch in CollectiveGatherV2,
+        # also without tfos): a streamed pass runs one step a call, and so does a model with
+        # embeddings unless every batch of the pass is full.
+        several = ctx.num_workers == 1 or (steps is not None and (full or not sparse))
+        _use_steps_per_execution(model, per_execution, user_k if several else 1)
         try:
             model.fit(data if steps is None else padded, epochs=epoch + 1, initial_epoch=epoch,
                       steps_per_epoch=steps or UNBOUNDED_STEPS,
@@ -165,23 +167,23 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool) -> Any
     return model
 
 
-def _steps_per_execution(model: Any) -> int:
-    """What the user's compile() set (1 by default; an autotuned value counts as 1)."""
-    var = getattr(model, "_steps_per_execution", None)
-    return 1 if var is None or getattr(model, "_autotune_steps_per_execution", False) else int(var.numpy())
+def _steps_per_execution(model: Any) -> Any:
+    """The variable the user's compile() set (None when autotuned: then left to Keras)."""
+    if getattr(model, "_autotune_steps_per_execution", False):
+        return None
+    return getattr(model, "_steps_per_execution", None)
 
 
-def _use_steps_per_execution(model: Any, n: int) -> None:
-    var = getattr(model, "_steps_per_execution", None)
-    if var is None or getattr(model, "_autotune_steps_per_execution", False) or int(var.numpy()) == n:
-        return
-    var.assign(n)
-    model.train_function = None  # rebuilt by the next fit: one step a call, or several
+def _use_steps_per_execution(model: Any, var: Any, n: int) -> None:
+    if var is not None and int(var.numpy()) != n:
+        var.assign(n)
+        model.train_function = None  # rebuilt by the next fit: one step a call, or several
 
 
-def agreed_steps(ctx: TrainContext) -> int | None:
-    """The steps of this epoch, agreed by all workers in one all-gather; None while any
-    worker still streams its partition from Spark (its row count is not known yet).
+def agreed_steps(ctx: TrainContext) -> tuple[int | None, bool]:
+    """The steps of this epoch, agreed by all workers in one all-gather (None while any
+    worker still streams its partition from Spark: its row count is not known yet), and
+    whether every batch of the pass is full on every worker (all batches one size).
 
     With None, the epoch is one unbounded `fit` pass that ends when every worker's data
     is exhausted: TF's distributed iterator agrees the end across workers at every step,
@@ -193,12 +195,15 @@ def agreed_steps(ctx: TrainContext) -> int | None:
     one step more: TF's agreement can end it with a step that is empty on every worker.)
     """
     rows = ctx.feed.next_pass_rows()
-    per_step = ctx.batch_size * max(1, ctx.strategy.num_replicas_in_sync // max(1, ctx.num_workers))
-    mine = -1 if rows is None else math.ceil(rows / per_step)
-    if ctx.num_workers == 1 and ctx.strategy.num_replicas_in_sync == 1:
-        return None if mine < 0 else mine
-    counts = ctx.strategy.gather(ctx.strategy.run(lambda: tf.constant([mine], tf.int64)), axis=0).numpy()
-    return None if counts.min() < 0 else int(counts.max())
+    mine = -1 if rows is None else rows
+    if ctx.num_workers > 1 or ctx.strategy.num_replicas_in_sync > 1:
+        every = ctx.strategy.gather(ctx.strategy.run(lambda: tf.constant([mine], tf.int64)), axis=0).numpy()
+    else:
+        every = [mine]
+    if min(every) < 0:
+        return None, False
+    steps = math.ceil(int(max(every)) / ctx.rows_per_step)
+    return steps, min(every) == max(every) == steps * ctx.rows_per_step
 
 
 def _finish_epoch(model: Any, ctx: TrainContext, ckpt: Any, val: Any, epoch: int) -> None:
