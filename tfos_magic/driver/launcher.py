@@ -28,7 +28,8 @@ from .channel import DriverChannel
 from .columns import prepare
 from .observers import JobObserver
 from .registry import EmbeddedRegistry, ZooKeeperView
-from .slots import check_slots
+from .executor_env import plan_env, ship_package
+from .slots import check_dynamic_allocation, check_slots
 from .supervisor import AttemptFailed, JobStopped, RunMonitor, SparkJob, StopControl, is_secondary, run_attempt
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
     entry = check_train_source(spec.train_source or "", name)
     tasks = _check_strategy(opts)
     what = f"--workers {opts.workers}" + (f" plus --ps {opts.ps}" if opts.strategy == "ps" else "")
+    check_dynamic_allocation(sc)
     check_slots(sc, tasks, what)
     frame, feed = prepare(df, label=opts.label, features=opts.features, inputs=opts.inputs,
                           fillna=opts.fillna, require_label=entry == "build_model", validation=validation)
@@ -171,6 +173,8 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
     check_checkpoint_dir(checkpoint_dir)
     registry, registry_plan = _registry(opts, name)
     profile = _worker_profile(sc, opts.gpus_per_worker, observers)
+    ship_package(sc)  # the executors' Python needs only pyspark and pyarrow of its own
+    env_plan = plan_env(sc, opts.env)
     if opts.restart:
         store.forget_metrics(name)
 
@@ -182,7 +186,7 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
     plan = TaskPlan(job=name, run=run, channel_address=f"{driver_host}:{channel.port}", host=worker_host,
                     train_source=spec.train_source or "", feed=feed, options=opts, checkpoint_dir=checkpoint_dir,
                     registry=registry_plan, log_dir=store.log_dir(name, checkpoint_dir),
-                    failpoint=os.environ.get("TFOS_FAILPOINT") or None)
+                    failpoint=os.environ.get("TFOS_FAILPOINT") or None, env=env_plan)
     expected = [("worker", i) for i in range(opts.workers)]
     if opts.strategy == "ps":
         expected += [("ps", i) for i in range(opts.ps)]

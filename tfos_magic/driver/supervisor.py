@@ -202,8 +202,9 @@ def _spark_error_message(exc: BaseException) -> str:
     if m:
         return m.group(1).strip()
     if "No module named 'tfos_magic'" in text or "No module named 'tensorflow'" in text:
-        return ("The Spark executors' Python cannot import tfos_magic/TensorFlow. Point "
-                "spark.pyspark.python (or PYSPARK_PYTHON) at a Python that has tfos-magic installed.")
+        return ("The Spark executors' Python cannot import tfos_magic/TensorFlow. Ship an environment with the "
+                "job (--env, made by `tfos pack-env env.tar.gz`; docs/deploy.md), or point spark.pyspark.python "
+                "(or PYSPARK_PYTHON) at a Python that has tfos-magic installed.")
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return f"Spark job failed: {first[:2000]}"
 

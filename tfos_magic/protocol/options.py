@@ -68,6 +68,10 @@ class TrainOptions:
                                metavar="N", env="TFOS_MAX_RESTARTS", minimum=0)
     start_timeout: float = option(180.0, "all TF workers must start within S seconds of their Spark stage "
                                   "starting", type=float, metavar="S", env="TFOS_START_TIMEOUT", minimum=1)
+    env: str | None = option(None, "the Python environment the TF processes run on the executors: a packed "
+                             "archive (`tfos pack-env`; a path or URI, shipped with the job) or a directory "
+                             "present on every node; without it, the executors' own Python",
+                             metavar="PATH_OR_URI", env="TFOS_EXECUTOR_ENV")
     stall_timeout: float = option(600.0, "fail the job when no worker makes progress for S seconds, showing "
                                   "each worker's last event", type=float, metavar="S", env="TFOS_STALL_TIMEOUT",
                                   minimum=1)

@@ -33,6 +33,20 @@ class RegistryPlan:
 
 
 @dataclass(frozen=True)
+class EnvPlan:
+    """Which Python runs the job's TF processes (docs/deploy.md). "executor": the Spark
+    worker's own; "archive": a packed environment Spark ships with the job and unpacks on
+    each executor under the name `where` (SparkFiles); "path": a prefix present on every
+    node (relative to the SparkFiles directory, else to the task's working directory).
+    `kernel` holds the kernel's versions, which the environment must match."""
+
+    kind: str = "executor"
+    where: str = ""
+    given: str = ""  # what the user passed, for messages
+    kernel: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class TaskPlan:
     """One attempt of one job, as every Spark task of it sees it."""
 
@@ -51,6 +65,7 @@ class TaskPlan:
     # Fault injection for recovery tests (tfprocess/failpoints.py): from the kernel's
     # TFOS_FAILPOINT, so that it reaches the TF processes on any cluster. None in use.
     failpoint: str | None = None
+    env: EnvPlan = field(default_factory=EnvPlan)
 
     @property
     def strategy(self) -> str:
@@ -67,6 +82,7 @@ class TaskPlan:
         out["feed"] = self.feed.to_dict()
         out["options"] = self.options.to_dict(secrets=secrets)
         out["registry"] = dataclasses.asdict(self.registry)
+        out["env"] = dataclasses.asdict(self.env)
         if not secrets:
             out["token"] = None
             out["registry"]["auth"] = None
@@ -75,7 +91,7 @@ class TaskPlan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TaskPlan":
         return cls(**dict(d, feed=FeedSpec.from_dict(d["feed"]), options=TrainOptions.from_dict(d["options"]),
-                          registry=RegistryPlan(**d["registry"])))
+                          registry=RegistryPlan(**d["registry"]), env=EnvPlan(**d.get("env", {}))))
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,16 @@ from ..protocol.events import make_event
 from ..protocol.feed_spec import FeedError, FeedSpec, array_lengths
 from ..protocol.logs import log_tail
 from ..protocol.net import free_port
-from ..protocol.plan import TaskConfig, TaskPlan
+from ..protocol.plan import EnvPlan, TaskConfig, TaskPlan
+from ..protocol.versions import mismatch, probe_source
 
 RESULT_SCHEMA = pa.schema([("worker", pa.int64()), ("result", pa.string())])
 RESULT_DDL = "worker long, result string"
 CHILD_MODULE = "tfos_magic.tfprocess.child"
+PROBE_TIMEOUT = 60.0
+# Pythons this Spark worker has checked against a kernel's versions (Spark reuses its
+# Python workers, so a job's later tasks and attempts skip the probe).
+_CHECKED: set[tuple[str, str]] = set()
 
 
 class WorkerFailed(RuntimeError):
@@ -156,6 +161,44 @@ def _host(plan: TaskPlan, task: Any, index: int) -> str:
     return plan.host or task.getTaskInfos()[index].address.rsplit(":", 1)[0]
 
 
+def tf_python(env: EnvPlan) -> str:
+    """The Python this task's TF process runs: the executor's own, or that of the job's
+    environment (an archive Spark unpacked here, or a directory on every node), once it
+    has been checked to hold the kernel's Python, TensorFlow and tfos-magic versions.
+    A wrong or incomplete environment fails the task before any TF process starts."""
+    if env.kind == "executor":
+        python, where = sys.executable, "The Spark executors' Python"
+    else:
+        root = env.where
+        if env.kind == "archive" or not os.path.isabs(root):
+            from pyspark import SparkFiles
+
+            shipped = SparkFiles.get(root)
+            root = shipped if env.kind == "archive" or os.path.exists(shipped) else os.path.abspath(root)
+        python, where = os.path.join(root, "bin", "python"), f"The --env environment {env.given!r}"
+        if not os.path.exists(python):
+            raise WorkerFailed(f"{where} has no bin/python on this executor (looked for {python}). Pass an "
+                               "archive made by `tfos pack-env` (or venv-pack/conda-pack), or the prefix of an "
+                               "environment that exists on every node.")
+    key = (python, json.dumps(env.kernel, sort_keys=True))
+    if key in _CHECKED:
+        return python
+    try:
+        probe = subprocess.run([python, "-c", probe_source()], capture_output=True, text=True,
+                               timeout=PROBE_TIMEOUT, check=True)
+        found = json.loads(probe.stdout.strip().splitlines()[-1])
+    except subprocess.TimeoutExpired:
+        raise WorkerFailed(f"{where} ({python}) did not report its versions within {PROBE_TIMEOUT:.0f} s.") from None
+    except (subprocess.CalledProcessError, ValueError, IndexError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        raise WorkerFailed(f"{where} ({python}) could not be run: {detail.strip()[-500:]}") from None
+    problem = mismatch(env.kernel, found, where)
+    if problem:
+        raise WorkerFailed(problem)
+    _CHECKED.add(key)
+    return python
+
+
 class TFProcess:
     """This task's TF process, started before its config exists so that it imports
     TensorFlow while the task still peeks at its first batch and agrees the cluster; it
@@ -167,9 +210,10 @@ class TFProcess:
         self.workdir = tempfile.mkdtemp(prefix=f"tfos-{plan.job}-{role}{index}-")
         self.config = TaskConfig(plan, role, index, plan.options.workers, host, self.workdir)
         env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", **self.config.secret_env(), **env)
+        python = tf_python(plan.env)
         with open(self.config.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", CHILD_MODULE, self.config.config_path, str(plan.options.start_timeout)],
+                [python, "-m", CHILD_MODULE, self.config.config_path, str(plan.options.start_timeout)],
                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
 
     def __enter__(self) -> "TFProcess":

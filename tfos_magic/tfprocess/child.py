@@ -91,8 +91,9 @@ def run(config: TaskConfig) -> dict[str, Any]:
         return {"status": "error", "error": f"TF {role} {index} {channel.error}. The executors must reach the "
                 "notebook's host: set TFOS_DRIVER_HOST (or spark.driver.host) to an address they can reach."}
     # The GPUs Spark gave this task (task/feeder.py), for the dashboard; None: not assigned.
+    # And the Python it runs: the executors' own, or the job's --env (docs/deploy.md).
     channel.send(make_event("started", index, role=role, pid=os.getpid(),
-                            gpus=os.environ.get("CUDA_VISIBLE_DEVICES")))
+                            gpus=os.environ.get("CUDA_VISIBLE_DEVICES"), python=sys.executable))
     failpoint = Failpoint(plan.failpoint, index, plan.attempt, role)
     failpoint.hit("startup")
     sys.stdout = _PrintsToNotebook(sys.stdout, channel, index, role)
