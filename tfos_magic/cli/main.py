@@ -54,6 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
         "shown are a new job's)"))
     _progress_argument(submit)
 
+    pack = commands.add_parser(
+        "pack-env", help="pack this Python's environment into an archive for --env",
+        description="Pack the environment this command runs in (a virtualenv with venv-pack, a conda environment "
+        "with conda-pack) into an archive that %%tf_train --env ships to the executors. Editable installs are "
+        "packed as wheels built from their source. Prints the option to pass.")
+    pack.add_argument("output", metavar="OUT.tar.gz", help="the archive to write (.tar.gz, .tgz or .zip)")
+    pack.add_argument("--prefix", metavar="PATH", help="the environment to pack (default: this Python's)")
+    pack.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                      help="leave out paths inside the environment that match, e.g. "
+                      "'lib/python3.*/site-packages/jupyterlab*' (repeatable)")
+    pack.add_argument("--python-prefix", metavar="PATH",
+                      help="virtualenvs: where the base Python lives on the executors, if not where it does here")
+    pack.add_argument("--compress-level", type=int, default=4, choices=range(10), metavar="0-9",
+                      help="gzip level: 0 is fastest, 9 smallest (default: 4)")
+    pack.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
     jobs = commands.add_parser("jobs", help="list the jobs in the store",
                                description="Every job in the store: state, step, loss, last update.")
     jobs.add_argument("--json", action="store_true", help="as a JSON list")
@@ -96,6 +112,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return submit(args.job, overrides_from(args), parse_parameters(args.parameters), args.master,
                       PROGRESS[args.progress])
+    if args.command == "pack-env":
+        from ..driver.pack_env import pack_env
+
+        pack_env(args.output, prefix=args.prefix, exclude=args.exclude, python_prefix=args.python_prefix,
+                 compress_level=args.compress_level, force=args.force)
+        return 0
     from . import jobs
 
     if args.command == "jobs":
