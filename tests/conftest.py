@@ -332,3 +332,12 @@ def kernel_run(kc, code: str, timeout: float = 120) -> tuple[dict, str]:
 
     reply = kc.execute_interactive(code, timeout=timeout, output_hook=hook)
     return reply["content"], "".join(outputs)
+
+
+def make_venv(path) -> str:
+    """A new venv without pip, on this Python's base interpreter: nothing installed. Its site-packages."""
+    import glob
+    import subprocess
+
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    return glob.glob(os.path.join(str(path), "lib", "python*", "site-packages"))[0]
