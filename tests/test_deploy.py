@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -64,7 +65,7 @@ def bare_kernel(spark_standalone, tfos_kernel, bare_python, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def packed_env(tmp_path_factory) -> str:
+def packed_env(tmp_path_factory):
     """This environment packed by the real command line, as a user would."""
     out = str(tmp_path_factory.mktemp("packed") / "env.tar.gz")
     cmd = [os.path.join(sys.prefix, "bin", "tfos"), "pack-env", out, "--compress-level", "0"]
@@ -73,7 +74,8 @@ def packed_env(tmp_path_factory) -> str:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert f"--env {out}" in done.stdout, done.stdout
-    return out
+    yield out
+    os.remove(out)  # GBs: pytest keeps the last runs' folders
 
 
 def _run_ok(kernel, code):
@@ -128,8 +130,10 @@ def test_a_packed_editable_environment_trains_on_the_bare_executors(bare_kernel,
     assert job.history[-1]["loss"] / job.history[0]["loss"] < 0.2, job.history
     # Each TF process ran the archive's Python, as unpacked by its own executor.
     pythons = [e.get("python") for e in job.events if e["kind"] == "started"]
-    assert len(pythons) == 2 and all(f"/tfos-env-" in p and not p.startswith(sys.prefix) for p in pythons), pythons
+    assert len(pythons) == 2 and all("/tfos-env-" in p and not p.startswith(sys.prefix) for p in pythons), pythons
     assert tf_processes_gone("tfos-dep_env-")
+    for python in pythons:  # each executor's unpacked copy (GBs); no later job uses it
+        shutil.rmtree(os.path.dirname(os.path.dirname(python)), ignore_errors=True)
 
 
 def test_an_environment_with_another_tensorflow_is_refused_before_training(bare_kernel, tmp_path):
