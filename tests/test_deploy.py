@@ -132,7 +132,17 @@ def test_a_packed_editable_environment_trains_on_the_bare_executors(bare_kernel,
     pythons = [e.get("python") for e in job.events if e["kind"] == "started"]
     assert len(pythons) == 2 and all("/tfos-env-" in p and not p.startswith(sys.prefix) for p in pythons), pythons
     assert tf_processes_gone("tfos-dep_env-")
-    for python in pythons:  # each executor's unpacked copy (GBs); no later job uses it
+    # A parameter server is a task of another Spark job (not a barrier one): it runs the archive's Python too.
+    _run_ok(kernel, ETL.format(name="dep_ps", rows=8000))
+    _run_ok(kernel, f"%%tf_train dep_ps --strategy ps --ps 1 --workers 2 --epochs 1 --batch-size 128 --label y "
+                    f"--restart --env {packed_env}\n" + MODEL)
+    job = get_job("dep_ps", home)
+    assert job.state == "succeeded", job.error
+    roles = {(e.get("role"), "/tfos-env-" in (e.get("python") or "")) for e in job.events if e["kind"] == "started"}
+    assert roles == {("ps", True), ("worker", True)}, [e for e in job.events if e["kind"] == "started"]
+    pythons += [e["python"] for e in job.events if e["kind"] == "started"]
+    assert tf_processes_gone("tfos-dep_ps-")
+    for python in set(pythons):  # each executor's unpacked copy (GBs); no later job uses it
         shutil.rmtree(os.path.dirname(os.path.dirname(python)), ignore_errors=True)
 
 
