@@ -112,12 +112,11 @@ def _pack_venv(prefix: str, output: str, exclude: Sequence[str], python_prefix: 
         for editable in editables:
             log(f"tfos: {editable.name} is an editable install of {editable.project}: packing a wheel built from it")
             staged += _stage_wheel(prefix, editable, os.path.join(tmp, editable.name))
-        with _editables_replaced(core, prefix, site_packages, editables):
+        replaced = {path for e in editables for path in e.files}
+        with _editables_replaced(core, prefix, site_packages, replaced):
             env = venv_pack.Env(prefix)
-        replaced = set().union(*(e.files for e in editables)) if editables else set()
         targets = {f.target for f in staged}
-        parents = {os.path.dirname(t) for t in targets}
-        parents |= {p for t in parents for p in _ancestors(t)}
+        parents = {folder for t in targets for folder in _ancestors(t)}
         # The editable install's own files go; so does anything where a staged file or
         # folder lands (a link the install made into the source folder, an old script).
         env.files = [f for f in env.files if os.path.normpath(f.source) not in replaced
@@ -177,11 +176,10 @@ def _stage_wheel(prefix: str, editable: Editable, folder: str) -> list:
 
 
 @contextlib.contextmanager
-def _editables_replaced(core, prefix: str, site_packages: str, editables: list[Editable]) -> Iterator[None]:
+def _editables_replaced(core, prefix: str, site_packages: str, handled: set[str]) -> Iterator[None]:
     """venv-pack refuses every .pth line that points outside the environment, and has no
-    option to skip that check. The editable installs found here are being replaced by
-    wheels, so their .pth files may point outside; any other such line is still refused."""
-    handled = set().union(*(e.files for e in editables)) if editables else set()
+    option to skip that check. The editable installs' files (`handled`) are being replaced
+    by wheels, so their .pth files may point outside; any other such line is still refused."""
     original = core.check_no_editable_packages
 
     def check(_context) -> None:

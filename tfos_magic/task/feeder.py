@@ -161,6 +161,18 @@ def _host(plan: TaskPlan, task: Any, index: int) -> str:
     return plan.host or task.getTaskInfos()[index].address.rsplit(":", 1)[0]
 
 
+def _env_root(env: EnvPlan) -> str:
+    """Where the job's environment is on this executor: an archive where Spark unpacked
+    it; a relative directory in the SparkFiles folder (an archive the session ships
+    itself), else in the task's working directory; an absolute one as it is."""
+    if env.kind == "path" and os.path.isabs(env.where):
+        return env.where
+    from pyspark import SparkFiles
+
+    shipped = SparkFiles.get(env.where)
+    return shipped if env.kind == "archive" or os.path.exists(shipped) else os.path.abspath(env.where)
+
+
 def tf_python(env: EnvPlan) -> str:
     """The Python this task's TF process runs: the executor's own, or that of the job's
     environment (an archive Spark unpacked here, or a directory on every node), once it
@@ -169,13 +181,7 @@ def tf_python(env: EnvPlan) -> str:
     if env.kind == "executor":
         python, where = sys.executable, "The Spark executors' Python"
     else:
-        root = env.where
-        if env.kind == "archive" or not os.path.isabs(root):
-            from pyspark import SparkFiles
-
-            shipped = SparkFiles.get(root)
-            root = shipped if env.kind == "archive" or os.path.exists(shipped) else os.path.abspath(root)
-        python, where = os.path.join(root, "bin", "python"), f"The --env environment {env.given!r}"
+        python, where = os.path.join(_env_root(env), "bin", "python"), f"The --env environment {env.given!r}"
         if not os.path.exists(python):
             raise WorkerFailed(f"{where} has no bin/python on this executor (looked for {python}). Pass an "
                                "archive made by `tfos pack-env` (or venv-pack/conda-pack), or the prefix of an "
@@ -207,10 +213,10 @@ class TFProcess:
     working directory."""
 
     def __init__(self, plan: TaskPlan, role: str, index: int, host: str, env: dict[str, str]) -> None:
+        python = tf_python(plan.env)  # first: a refused environment leaves no work dir behind
         self.workdir = tempfile.mkdtemp(prefix=f"tfos-{plan.job}-{role}{index}-")
         self.config = TaskConfig(plan, role, index, plan.options.workers, host, self.workdir)
         env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", **self.config.secret_env(), **env)
-        python = tf_python(plan.env)
         with open(self.config.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [python, "-m", CHILD_MODULE, self.config.config_path, str(plan.options.start_timeout)],
