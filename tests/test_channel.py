@@ -1,12 +1,18 @@
 """The executor-to-driver metrics channel over real loopback sockets."""
 
 import json
+import re
 import socket
+import threading
 import time
+
+import psutil
+import pytest
 
 from tfos_magic.driver.channel import DriverChannel
 from tfos_magic.protocol.channel import ChannelClient
 from tfos_magic.protocol.events import make_event
+from tfos_magic.protocol.net import free_port
 
 
 def _wait_for(predicate, timeout=10.0):
@@ -48,10 +54,7 @@ def test_wrong_or_missing_token_is_refused():
 
 
 def test_unreachable_driver_does_not_stop_the_worker():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    client = ChannelClient(f"127.0.0.1:{port}", "j", "t", timeout=2)
+    client = ChannelClient(f"127.0.0.1:{free_port()}", "j", "t", timeout=2)
     assert not client.connected
     client.send(make_event("epoch", 0, epoch=1))
 
@@ -133,3 +136,120 @@ def test_task_config_holds_no_secret_and_only_its_owner_reads_it(tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     back = TaskConfig.read(path, env=config.secret_env())
     assert back.plan.token == "tok-secret" and back.plan.registry.auth == "u:pw-secret"
+
+
+def test_hundreds_of_workers_connecting_at_once_all_get_through():
+    """A job's TF processes all open their channel in the same moment. With a listen
+    backlog of 5 dozens of 300 such connections timed out here (each waits 2 s for the
+    hello's answer, no retry); every one must get through, and every event reach the sink."""
+    channel = DriverChannel(bind_host="127.0.0.1")
+    got = []
+    token = channel.register("job1", got.append)
+    count = 300
+    start = threading.Barrier(count)
+    clients: list[ChannelClient | None] = [None] * count
+
+    def worker(i: int) -> None:
+        start.wait(timeout=30)
+        clients[i] = client = ChannelClient(f"127.0.0.1:{channel.port}", "job1", token, timeout=2)
+        client.send(make_event("step", i, step=1))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        failed = [i for i, c in enumerate(clients) if c is None or not c.connected]
+        assert failed == [], f"{len(failed)} of {count} did not connect, e.g. {clients[failed[0]].error}"
+        assert _wait_for(lambda: len(got) >= count)
+        assert sorted(e["worker"] for e in got) == list(range(count))
+    finally:
+        for c in clients:
+            if c is not None:
+                c.close()
+        channel.close()
+
+
+def _answer_hellos(port: int, delay: float, answers: list[bytes | None]) -> threading.Thread:
+    """A notebook that starts listening on `port` only after `delay` seconds, then answers
+    each connection's hello with the next of `answers` (None: closes without a word)."""
+    def serve() -> None:
+        time.sleep(delay)
+        with socket.create_server(("127.0.0.1", port)) as server:
+            server.settimeout(10)
+            for answer in answers:
+                conn, _ = server.accept()
+                with conn:
+                    conn.makefile("rb").readline()
+                    if answer is not None:
+                        conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_worker_started_before_the_notebook_listens_connects_once_it_does():
+    port = free_port()
+    server = _answer_hellos(port, delay=0.5, answers=[b'{"ok": true}\n'])
+    started = time.monotonic()
+    client = ChannelClient(f"127.0.0.1:{port}", "j", "t", timeout=2, connect_within=10)
+    assert client.connected, client.error
+    assert 0.4 < time.monotonic() - started < 5
+    client.close()
+    server.join(timeout=10)
+
+
+def test_a_connection_closed_before_the_answer_is_tried_again():
+    """An overloaded notebook may drop a connection after accepting it: that is no refusal."""
+    port = free_port()
+    server = _answer_hellos(port, delay=0, answers=[None, None, b'{"ok": true}\n'])
+    client = ChannelClient(f"127.0.0.1:{port}", "j", "t", timeout=2, connect_within=10)
+    assert client.connected, client.error
+    client.close()
+    server.join(timeout=10)
+
+
+def test_a_refusal_is_final_and_comes_at_once():
+    """A bad token cannot get better: no retries, however long `connect_within`."""
+    channel = DriverChannel(bind_host="127.0.0.1")
+    channel.register("job1", lambda event: None)
+    try:
+        started = time.monotonic()
+        client = ChannelClient(f"127.0.0.1:{channel.port}", "job1", "not-the-token", timeout=5, connect_within=10)
+        assert time.monotonic() - started < 1.0
+        assert not client.connected and "refused" in client.error
+    finally:
+        channel.close()
+
+
+def test_giving_up_names_the_address_how_long_and_the_last_error():
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    client = ChannelClient(address, "j", "t", timeout=2, connect_within=0.5)
+    assert 0.5 <= time.monotonic() - started < 3
+    assert not client.connected
+    assert address in client.error and "ConnectionRefusedError" in client.error
+    assert re.search(r"tried for \d+\.\ds \(\d+ tries\)", client.error), client.error
+
+
+def _listening_ips(port: int) -> set[str]:
+    """The addresses this process listens on at `port`, as the operating system has them."""
+    return {c.laddr.ip for c in psutil.Process().net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
+def test_the_channel_listens_on_its_bind_address_only():
+    """The default is loopback: never every interface. 127.0.0.2 is another address of
+    this machine (all of 127/8 is, on Linux) that a 0.0.0.0 server would answer on."""
+    channel = DriverChannel.get("127.0.0.1")
+    assert DriverChannel.get("127.0.0.1") is channel and DriverChannel.get() is channel
+    assert _listening_ips(channel.port) == {"127.0.0.1"}
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.2", channel.port), timeout=2).close()
+
+
+def test_a_bind_address_not_of_this_machine_is_named():
+    with pytest.raises(OSError, match=re.escape("192.0.2.1")):
+        DriverChannel(bind_host="192.0.2.1")  # TEST-NET-1: never a local address

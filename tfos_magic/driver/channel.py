@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 Sink = Callable[[dict[str, Any]], None]
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 HELLO_TIMEOUT_S = 10.0
+LISTEN_BACKLOG = 2048
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -75,33 +76,50 @@ class _Handler(socketserver.StreamRequestHandler):
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # The listen backlog. Every Spark task and TF process of a job connects at start-up,
+    # all within a moment, and a TF process without a channel refuses to start. With
+    # socketserver's default of 5 the accept queue overflows: 145 of 256 simulated workers
+    # timed out on a 2-core machine (bench/channel_load.py, docs/performance.md), and
+    # others saw ConnectionResetError. The OS caps it at net.core.somaxconn (4096 since
+    # Linux 5.4, 128 before).
+    request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, owner: "DriverChannel", host: str) -> None:
+    def __init__(self, owner: "DriverChannel", host: str, backlog: int) -> None:
         self.owner = owner
+        self.request_queue_size = backlog
         super().__init__((host, 0), _Handler)
 
 
 class DriverChannel:
-    """Receives events for registered jobs; one per driver process, started on first use."""
+    """Receives events for registered jobs; one per bind address in a driver process,
+    started on first use (`get`)."""
 
-    _instance: "DriverChannel | None" = None
-    _lock = threading.Lock()
+    _instances: "dict[str, DriverChannel]" = {}
+    _instances_lock = threading.Lock()
 
-    def __init__(self, bind_host: str = "0.0.0.0") -> None:
+    def __init__(self, bind_host: str = "127.0.0.1", backlog: int = LISTEN_BACKLOG) -> None:
+        """Listen on `bind_host` only, never on every interface: the executors reach the
+        driver at one address, and nothing else on the network need see the channel.
+        `backlog` is for benchmarks that compare with socketserver's default (5)."""
+        self._lock = threading.Lock()
         self._jobs: dict[str, tuple[str, Sink, Handler | None]] = {}
         self._conns: dict[str, set[socket.socket]] = {}
         self._listeners: dict[str, set[socket.socket]] = {}
-        self._server = _Server(self, bind_host)
+        self._server = _bind(self, bind_host, backlog)
+        self.bind_host = bind_host
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="tfos-channel", daemon=True)
         self._thread.start()
 
     @classmethod
-    def get(cls) -> "DriverChannel":
-        with cls._lock:
-            if cls._instance is None:
-                cls._instance = cls()
-            return cls._instance
+    def get(cls, bind_host: str = "127.0.0.1") -> "DriverChannel":
+        """This process's channel on `bind_host`: 127.0.0.1 in local mode, the driver's
+        address on a cluster. Created on first use, then shared by every job."""
+        with cls._instances_lock:
+            channel = cls._instances.get(bind_host)
+            if channel is None:
+                channel = cls._instances[bind_host] = cls(bind_host)
+            return channel
 
     def register(self, job: str, sink: Sink, requests: Handler | None = None) -> str:
         """Accept events (and requests, e.g. the embedded registry's) for `job` with a fresh
@@ -164,7 +182,18 @@ class DriverChannel:
         return (entry[1], entry[2]) if hmac.compare_digest(entry[0], token) else None
 
     def close(self) -> None:
+        with DriverChannel._instances_lock:  # a later get() starts a fresh one
+            if DriverChannel._instances.get(self.bind_host) is self:
+                del DriverChannel._instances[self.bind_host]
         self._server.shutdown()
         self._server.server_close()
 
 
+def _bind(owner: DriverChannel, host: str, backlog: int) -> _Server:
+    """The listening server, or an OSError that names the address: a host that is not
+    one of this machine's addresses is a configuration error the user must fix."""
+    try:
+        return _Server(owner, host, backlog)
+    except OSError as exc:
+        raise OSError(exc.errno, f"the tfos channel cannot listen on {host!r} ({exc.strerror or exc}): it must be "
+                      "an address of this machine (TFOS_DRIVER_HOST or spark.driver.host)") from exc

@@ -15,12 +15,25 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import sys
 import threading
-from typing import Any, Callable
+import time
+from typing import Any, BinaryIO, Callable
 
 PROTOCOL_VERSION = 1
+# What every side says when the notebook's channel cannot be reached from an executor.
+REACH_HINT = ("The executors must reach the notebook's host: set TFOS_DRIVER_HOST (or spark.driver.host) to an "
+              "address they can reach, and let them connect to any port of it (docs/deploy.md).")
+# Backoff between connection tries (`connect_within`): the first wait, doubled after each
+# try up to the cap, each drawn at random from its upper half so that hundreds of
+# workers that failed together do not come back together.
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 2.0
+# What a moment may cure: nothing listens yet, or the notebook's accept queue overflowed
+# and the connection was reset, timed out or closed before the hello's answer.
+_TRANSIENT = (ConnectionError, TimeoutError)
 
 
 def hello(job: str, token: str, listen: bool = False) -> dict[str, Any]:
@@ -33,6 +46,55 @@ def encode(message: dict[str, Any]) -> bytes:
     return (json.dumps(message) + "\n").encode()
 
 
+class ChannelRefused(OSError):
+    """The notebook answered the hello with a refusal (unknown job, bad token): it is
+    listening and has decided, so trying again cannot help."""
+
+
+def _hello_once(host: str, port: int, greeting: bytes, timeout: float) -> tuple[socket.socket, BinaryIO]:
+    """One try: connect, say hello, read the answer. Closes what it opened on any failure,
+    so that retries leak no sockets."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    reader: BinaryIO | None = None
+    try:
+        sock.sendall(greeting)
+        reader = sock.makefile("rb")
+        line = reader.readline()
+        if not line:
+            raise ConnectionResetError("the notebook closed the connection before answering")
+        reply = json.loads(line)
+        if not (isinstance(reply, dict) and reply.get("ok")):
+            raise ChannelRefused(f"driver refused the metrics channel: {reply}")
+    except BaseException:
+        if reader is not None:
+            reader.close()
+        sock.close()
+        raise
+    return sock, reader
+
+
+def _connect(host: str, port: int, greeting: bytes, timeout: float,
+             connect_within: float | None) -> tuple[socket.socket, BinaryIO]:
+    """`_hello_once`, tried again after transient failures until `connect_within` seconds
+    have passed (None: one try). A job's processes all start at once, possibly before the
+    notebook listens or faster than it accepts; one failed try must not fail a TF process."""
+    if connect_within is None:
+        return _hello_once(host, port, greeting, timeout)
+    start = time.monotonic()
+    deadline, wait, tries = start + connect_within, RETRY_FIRST_S, 0
+    while True:
+        tries += 1
+        try:
+            return _hello_once(host, port, greeting, min(timeout, max(deadline - time.monotonic(), RETRY_FIRST_S)))
+        except _TRANSIENT as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"tried for {time.monotonic() - start:.1f}s ({tries} tries), "
+                                   f"last error: {type(exc).__name__}: {exc}") from exc
+            time.sleep(min(left, random.uniform(wait / 2, wait)))
+            wait = min(2 * wait, RETRY_MAX_S)
+
+
 class ChannelClient:
     """Executor side. Sending is best effort: a channel lost mid-run never stops training.
 
@@ -42,27 +104,27 @@ class ChannelClient:
 
     def __init__(self, address: str, job: str, token: str, timeout: float = 10.0,
                  on_close: Callable[[], None] | None = None,
-                 on_control: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_control: Callable[[dict[str, Any]], None] | None = None,
+                 connect_within: float | None = None) -> None:
+        """`connect_within`: retry a connection that fails, is reset or gets no answer, with
+        jittered exponential backoff, for up to that many seconds (a job's start timeout);
+        a refusal (bad token, unknown job) fails at once. None: one try."""
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
-        self._listening = False
+        self._listening = on_close is not None or on_control is not None
         self.error: str | None = None
         host, port = address.rsplit(":", 1)
         try:
-            sock = socket.create_connection((host, int(port)), timeout=timeout)
-            listen = self._listening = on_close is not None or on_control is not None
-            sock.sendall(encode(hello(job, token, listen)))
-            self._reader = sock.makefile("rb")
-            reply = json.loads(self._reader.readline() or b"null")
-            if not (isinstance(reply, dict) and reply.get("ok")):
-                raise ConnectionRefusedError(f"driver refused the metrics channel: {reply}")
-            sock.settimeout(timeout)
-            self._sock = sock
-            if listen:  # control lines, and the notebook ending this run (or dying)
-                threading.Thread(target=self._listen, args=(on_close, on_control), daemon=True).start()
+            greeting = encode(hello(job, token, self._listening))
+            sock, self._reader = _connect(host, int(port), greeting, timeout, connect_within)
         except (OSError, ValueError) as exc:
             self.error = f"cannot open the metrics channel to the notebook at {address}: {exc}"
             print(f"tfos: {self.error}", file=sys.stderr)
+            return
+        sock.settimeout(timeout)
+        self._sock = sock
+        if self._listening:  # control lines, and the notebook ending this run (or dying)
+            threading.Thread(target=self._listen, args=(on_close, on_control), daemon=True).start()
 
     def _listen(self, on_close: Callable[[], None] | None,
                 on_control: Callable[[dict[str, Any]], None] | None) -> None:
