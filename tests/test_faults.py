@@ -23,8 +23,10 @@ df = df.withColumn("y", 2 * F.col("x0") - 3 * F.col("x1") + 0.5 * F.col("x2") + 
 val = df.limit(1500)
 df
 """
+# --restart as users re-run a cell: it clears earlier runs' checkpoints in the run's first
+# attempt only; the restart after a fault resumes from this run's own checkpoints.
 TRAIN = (f"%%tf_train {{name}} --workers 2 --epochs 3 --batch-size 64 --label y --validation-df val "
-         f"--checkpoint-every-steps {INTERVAL} --max-restarts 2\n"
+         f"--checkpoint-every-steps {INTERVAL} --max-restarts 2 --restart\n"
          + regression_cell(inputs=4, hidden=16, learning_rate=0.01))
 
 

@@ -187,13 +187,16 @@ def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup:
     # `rows` (handed to tf.data so far) lets the notebook see a custom loop progress.
     cleanup.append(GpuSampler(lambda reading: channel.send(
         make_event("gpu", config.index, rows=feed.rows_delivered, **reading)), default_source()).start())
+    # --restart starts the run over once: a later attempt of the same run resumes from the
+    # checkpoints this run wrote, as any restart does.
+    restart = opts.restart and plan.attempt == 1
     if ctx.is_chief:
         checkpoints.ensure_writable(ctx.checkpoint_dir)
-        if opts.restart and plan.attempt == 1:
+        if restart:
             checkpoints.clear(ctx.checkpoint_dir)
     runner = ps_train if ps_mode else keras_fit
     if "build_model" in namespace:
-        model = runner.fit(namespace["build_model"], ctx, restart=opts.restart)
+        model = runner.fit(namespace["build_model"], ctx, restart=restart)
     else:
         model = namespace["train"](ctx)
         feed.drain()
