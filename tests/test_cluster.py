@@ -10,6 +10,7 @@
 """
 
 import os
+import time
 
 import pytest
 from conftest import regression_cell, tf_processes_gone
@@ -96,6 +97,20 @@ def test_allreduce_job_on_a_standalone_cluster(cluster_kernel):
     # Each TF process saw exactly the one GPU Spark assigned to its task (fake addresses 0-3).
     gpus = [e.get("gpus") for e in job.events if e["kind"] == "started"]
     assert len(gpus) == 2 and all(g in {"0", "1", "2", "3"} for g in gpus) and gpus[0] != gpus[1], gpus
+
+
+def test_slots_are_counted_with_the_gpus_each_worker_asks_for(cluster_kernel):
+    """2 executors x 2 GPUs: 4 task slots by cores, but only 2 for tasks of 2 GPUs each.
+    Counted for the default profile, the job would pass the check and then wait in
+    Spark's own barrier retries for minutes."""
+    kernel, _ = cluster_kernel
+    reply, out = kernel.run(ETL.format(name="gpu_slots", rows=1000))
+    assert reply["status"] == "ok", out
+    started = time.monotonic()
+    reply, out = kernel.run("%%tf_train gpu_slots --workers 3 --gpus-per-worker 2 --label y\n" + MODEL, timeout=300)
+    assert reply["status"] == "error", out
+    assert "needs 3 concurrent Spark tasks with 2 GPU(s) each" in out and "has 2 task slots with that many GPUs" in out, out
+    assert time.monotonic() - started < 40
 
 
 def _ps_run(kernel, home, name, point=None):

@@ -148,3 +148,22 @@ def test_each_worker_gets_one_partition_in_a_stage_spark_runs_as_a_barrier(spark
         fed = one_partition_per_worker(frame, 2)
         assert fed is not frame
         assert fed.mapInArrow(lambda batches: batches, fed.schema, barrier=True).count() == 100
+
+
+def test_a_shuffled_frame_is_split_for_the_workers_without_running_its_etl(spark):
+    """Under adaptive execution, turning a frame with shuffles into an RDD runs them: the
+    ETL would run on the kernel's thread before the job, unseen and unstoppable."""
+    from pyspark.sql import functions as F
+
+    from tfos_magic.driver.launcher import one_partition_per_worker
+
+    r = spark.range(1000, numPartitions=3)
+    etl = r.groupBy((F.col("id") % 7).alias("k")).count().join(r.withColumn("k", F.col("id") % 7), "k")
+    sc = spark.sparkContext
+    sc.setJobGroup("tfos-test-feed-frame", "planning only")
+    try:
+        fed = one_partition_per_worker(etl, 2)
+        assert list(sc.statusTracker().getJobIdsForGroup("tfos-test-feed-frame")) == []
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    assert fed.mapInArrow(lambda batches: batches, fed.schema, barrier=True).count() == 1000

@@ -32,7 +32,8 @@ ALLOWED = {
 # The one part of the kernel side the server extension may use: the store and its readers.
 SERVER_READS = {"job"}
 # The kernel hands Spark the tasks' entry points: the only places it names task code.
-ENTRY_POINTS = {("driver/launcher.py", "task.feeder"), ("driver/predict.py", "task.predictor")}
+ENTRY_POINTS = {("driver/launcher.py", "task.feeder"), ("driver/predict.py", "task.predictor"),
+                ("driver/checkpoint_dir.py", "task.visibility")}
 # A prediction task runs the model in Spark's Python worker itself (lazily importing
 # tf_keras); the training task never imports TensorFlow.
 MODEL_RUNNING_TASKS = {"task/predictor.py"}

@@ -42,6 +42,17 @@ def test_etl_registers_the_dataframe_without_running_a_job(shell, capsys):
     assert len(shell.user_ns["spark"].sparkContext.statusTracker().getJobIdsForGroup()) == jobs_before
 
 
+def test_an_etl_with_shuffles_is_planned_not_run(shell, capsys):
+    """`value.rdd` on an adaptive plan would run every shuffle of the ETL here, in the cell."""
+    tracker = shell.user_ns["spark"].sparkContext.statusTracker()
+    jobs_before = len(tracker.getJobIdsForGroup())
+    _, err = run(shell, "%%spark_etl shuffled\nfrom pyspark.sql import functions as F\nr = spark.range(1000)\n"
+                        "r.groupBy((F.col('id') % 7).alias('k')).count().join(r.withColumn('k', F.col('id') % 7), 'k')")
+    assert err is None, err
+    assert "its shuffles decide the partitions when it runs" in capsys.readouterr().out
+    assert len(tracker.getJobIdsForGroup()) == jobs_before
+
+
 def test_etl_binds_spark_and_takes_df_variable(shell):
     del shell.user_ns["spark"]
     _, err = run(shell, "%%spark_etl byvar --df frame\nframe = spark.range(3)\nx = 1\n")

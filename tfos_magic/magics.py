@@ -15,6 +15,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
 
 from . import api
+from .driver.spark_backend import backend_for
 from .job import Job, JobStore, RunOrigin
 from .job.store import check_name
 from .protocol.options import add_arguments, options_from
@@ -74,8 +75,10 @@ class TfosMagics(Magics):
     def spark_etl(self, line: str, cell: str) -> None:
         args = ETL.parse_argstring(line)
         value = api.run_etl(args.job, cell, self.shell.user_ns, args.df, self.store)
-        print(f"tfos job {args.job!r}: DataFrame registered ({value.rdd.getNumPartitions()} partitions, "
-              f"Spark {value.sparkSession.version})")
+        # Read from the plan: `value.rdd` would run every shuffle of an adaptive query here.
+        parts = backend_for(value.sparkSession).planned_partitions(value)
+        shown = f"{parts} partitions" if parts is not None else "its shuffles decide the partitions when it runs"
+        print(f"tfos job {args.job!r}: DataFrame registered ({shown}, Spark {value.sparkSession.version})")
         print(value.schema.treeString().rstrip())
 
     spark_etl.__doc__ = ETL.format_help()

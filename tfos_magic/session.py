@@ -27,21 +27,35 @@ def get_spark(user_ns: dict[str, Any] | None = None, master: str | None = None,
     return spark
 
 
+def executor_python(master: str, conf: dict[str, str]) -> str | None:
+    """The Python the session's executors run: PYSPARK_PYTHON (or the stored job's
+    setting) when given; in local mode this kernel's own, which has pyarrow, TF and
+    tfos-magic; on a cluster None, the nodes' own `python3`. The kernel's interpreter
+    path means nothing on other hosts, and the TF processes run the job's --env anyway
+    (docs/deploy.md)."""
+    given = os.environ.get("PYSPARK_PYTHON") or conf.get("spark.pyspark.python")
+    if given:
+        return given
+    return sys.executable if master.startswith("local") else None
+
+
 def _create(master: str | None, conf: dict[str, str]):
     from pyspark.sql import SparkSession
 
-    # Executors must run this interpreter, which has pyarrow, TF and tfos_magic.
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     master = os.environ.get("TFOS_SPARK_MASTER") or master or "local[*]"
     check_reachable(master)
+    python = executor_python(master, conf)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    if python is not None:
+        os.environ.setdefault("PYSPARK_PYTHON", python)
     builder = SparkSession.builder.master(master).appName("tfos-magic")
     for key, value in conf.items():
         builder = builder.config(key, value)
+    if python is not None:
+        builder = builder.config("spark.pyspark.python", python)
     try:
         return (
             builder
-            .config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
             .config("spark.sql.execution.arrow.pyspark.enabled", "true")
             .config("spark.ui.showConsoleProgress", "false")
             .getOrCreate()

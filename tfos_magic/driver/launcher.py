@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
-import tempfile
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -25,64 +25,21 @@ from ..protocol.cells import check_train_source
 from ..protocol.plan import RegistryPlan, TaskPlan
 from ..task.feeder import RESULT_DDL, make_ps_task, make_task
 from .channel import DriverChannel
+from .checkpoint_dir import VisibilityMarker, check_visible, check_writable, checkpoint_dir_for
 from .columns import prepare
 from .observers import JobObserver
 from .registry import EmbeddedRegistry, ZooKeeperView
 from .executor_env import plan_env, ship_package
 from .slots import check_dynamic_allocation, check_slots
-from .supervisor import AttemptFailed, JobStopped, RunMonitor, SparkJob, StopControl, is_secondary, run_attempt
+from .spark_backend import SparkBackend, SparkJob, backend_for
+from .supervisor import AttemptFailed, AttemptJobs, JobStopped, RunMonitor, StopControl, is_secondary, run_attempt
 
 log = logging.getLogger(__name__)
 
 
-def check_checkpoint_dir(path: str) -> None:
-    """Local paths are checked here; URIs (hdfs://, s3://, ...) are checked by the chief worker."""
-    if "://" in path:
-        return
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".tfos-write-test-"):
-            pass
-    except OSError as exc:
-        raise TfosError(
-            f"The checkpoint dir {path!r} is not writable ({exc.strerror or exc}). Pass a writable "
-            "--checkpoint-dir (any path tf.io.gfile handles), or leave it out to use the job's directory."
-        ) from None
-
-
 def one_partition_per_worker(frame: DataFrame, workers: int) -> DataFrame:
-    """Round-robin repartition (even partitions), skipped when the frame already has one per
-    worker: the shuffle would cost more than the streaming itself (docs/performance.md).
-    Not skipped when its last stage reads RDDs of other sizes (a union, e.g. of the
-    training and validation frames, or a coalesce): Spark refuses such a barrier stage."""
-    rdd = frame._jdf.rdd()
-    if rdd.getNumPartitions() == workers and _uniform_stage(rdd):
-        return frame
-    return frame.repartition(workers)
-
-
-def _uniform_stage(rdd: Any) -> bool:
-    """Whether every RDD in `rdd`'s stage (its narrow dependencies, back to a shuffle or a
-    source) has as many partitions as `rdd`: the rule of Spark's barrier stages."""
-    size, todo = rdd.getNumPartitions(), [rdd]
-    while todo:
-        current = todo.pop()
-        if current.getNumPartitions() != size:
-            return False
-        deps = current.dependencies().iterator()
-        while deps.hasNext():
-            dep = deps.next()
-            if not dep.getClass().getName().endswith("ShuffleDependency"):
-                todo.append(dep.rdd())
-    return True
-
-
-def _hosts(sc) -> tuple[str, str | None]:
-    """(address executors use to reach the driver, host TF tasks bind to or None for auto)."""
-    override = os.environ.get("TFOS_DRIVER_HOST")
-    if sc.master.startswith("local"):
-        return override or "127.0.0.1", "127.0.0.1"
-    return override or sc.getConf().get("spark.driver.host", "127.0.0.1"), None
+    """The frame split into one partition per worker, planned without running it."""
+    return backend_for(frame.sparkSession).feed_frame(frame, workers)
 
 
 # Jobs this kernel is running now, each with its stop flag (a background run, or a
@@ -138,11 +95,11 @@ def _registry(opts: TrainOptions, job: str) -> tuple[Any, RegistryPlan]:
     return EmbeddedRegistry(), RegistryPlan("embedded")
 
 
-def _worker_profile(sc, gpus: int, observers: JobObserver):
+def _worker_profile(backend: SparkBackend, gpus: int, observers: JobObserver):
     """Stage-level scheduling: GPUs for the workers where the cluster manager supports it."""
     if gpus <= 0:
         return None
-    if sc.master.startswith("local"):
+    if backend.local:
         log.warning("tfos: --gpus-per-worker %d ignored: local mode has no stage-level scheduling", gpus)
         observers.on_log(f"tfos: note: --gpus-per-worker {gpus} is ignored in local mode (no stage-level scheduling).")
         return None
@@ -157,46 +114,83 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
 
     Progress goes to `observers` (text, dashboard, CLI), always on this thread. `origin`
     (the notebook and cell that started the run) goes into state.json for the sidebar.
+    Nothing here runs the user's ETL: that happens inside the job, in its job group.
     """
-    opts, name, sc = spec.options, spec.name, spark.sparkContext
+    name = spec.name
     observers = observers or JobObserver()
     refuse_if_running(store, name)
+    try:
+        return _plan_and_run(spark, spec, df, store, validation, observers, origin or RunOrigin())
+    except TfosError as exc:
+        # A job refused before it ran (too few slots, a checkpoint dir the executors do not
+        # see, ...) reads `failed` with the reason, as one that failed running does.
+        if (store.read_state(name) or {}).get("state") != "failed":
+            store.write_state(name, state="failed", ended=time.time(), error=str(exc), error_file=None)
+        raise
+
+
+def _plan_and_run(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: DataFrame | None,
+                  observers: JobObserver, origin: RunOrigin) -> dict[str, Any]:
+    """Check and plan the job, then run it (`_run`)."""
+    opts, name, sc = spec.options, spec.name, spark.sparkContext
+    backend = backend_for(spark)
     entry = check_train_source(spec.train_source or "", name)
-    tasks = _check_strategy(opts)
-    what = f"--workers {opts.workers}" + (f" plus --ps {opts.ps}" if opts.strategy == "ps" else "")
+    _check_strategy(opts)
     check_dynamic_allocation(sc)
-    check_slots(sc, tasks, what)
+    profile = _worker_profile(backend, opts.gpus_per_worker, observers)
+    ps = opts.ps if opts.strategy == "ps" else 0
+    check_slots(backend, opts.workers, f"--workers {opts.workers}" + (f" plus --ps {ps}" if ps else ""),
+                profile, gpus=opts.gpus_per_worker, others=ps)
     frame, feed = prepare(df, label=opts.label, features=opts.features, inputs=opts.inputs,
                           fillna=opts.fillna, require_label=entry == "build_model", validation=validation)
-    frame = one_partition_per_worker(frame, opts.workers)
-    checkpoint_dir = opts.checkpoint_dir or store.default_checkpoint_dir(name)
-    check_checkpoint_dir(checkpoint_dir)
-    registry, registry_plan = _registry(opts, name)
-    profile = _worker_profile(sc, opts.gpus_per_worker, observers)
+    frame = backend.feed_frame(frame, opts.workers)
+    checkpoint_dir = checkpoint_dir_for(opts.checkpoint_dir, store, name)
+    check_writable(checkpoint_dir)
     ship_package(sc)  # the executors' Python needs only pyspark and pyarrow of its own
     env_plan = plan_env(sc, opts.env)
-    if opts.restart:
-        store.forget_metrics(name)
-
     run = int((store.read_state(name) or {}).get("run", 0)) + 1
+    # Job groups are unique in the session: a cancelled group stays cancelled for any job
+    # submitted in it later (cancelJobGroupAndFutureJobs), and a job made again from
+    # nothing starts at run 1 again.
+    groups = f"tfos-{name}-run{run}-{secrets.token_hex(2)}"
+    # On a cluster, the executors must see the checkpoint dir: checked here, and by each task as it starts.
+    marker = None if backend.local else VisibilityMarker(checkpoint_dir)
+    try:
+        if marker is not None:
+            check_visible(backend, checkpoint_dir, marker, f"{groups}-storage", observers)
+        registry, registry_plan = _registry(opts, name)
+        addresses = backend.addresses()
+        channel = DriverChannel.get(addresses.bind)
+        plan = TaskPlan(job=name, run=run, channel_address=f"{addresses.advertise}:{channel.port}",
+                        host=addresses.tasks, train_source=spec.train_source or "", feed=feed, options=opts,
+                        checkpoint_dir=checkpoint_dir, registry=registry_plan,
+                        log_dir=store.log_dir(name, checkpoint_dir), failpoint=os.environ.get("TFOS_FAILPOINT") or None,
+                        env=env_plan, checkpoint_marker=marker.path if marker else None)
+        if opts.restart:
+            store.forget_metrics(name)
+        return _run(backend, frame, plan, profile, registry, channel, store, groups, observers, origin)
+    finally:
+        if marker is not None:
+            marker.remove()
+
+
+def _run(backend: SparkBackend, frame: DataFrame, plan: TaskPlan, profile: Any, registry: Any,
+         channel: DriverChannel, store: JobStore, groups: str, observers: JobObserver,
+         origin: RunOrigin) -> dict[str, Any]:
+    """Run the planned job's attempts until one succeeds, recording its state."""
+    name, opts, run = plan.job, plan.options, plan.run
     monitor = RunMonitor(store, name, run)
-    channel = DriverChannel.get()
     requests = registry.handle if isinstance(registry, EmbeddedRegistry) else None
-    driver_host, worker_host = _hosts(sc)
-    plan = TaskPlan(job=name, run=run, channel_address=f"{driver_host}:{channel.port}", host=worker_host,
-                    train_source=spec.train_source or "", feed=feed, options=opts, checkpoint_dir=checkpoint_dir,
-                    registry=registry_plan, log_dir=store.log_dir(name, checkpoint_dir),
-                    failpoint=os.environ.get("TFOS_FAILPOINT") or None, env=env_plan)
     expected = [("worker", i) for i in range(opts.workers)]
     if opts.strategy == "ps":
         expected += [("ps", i) for i in range(opts.ps)]
     # The driver's pid and host let another process tell a live run from one whose kernel died.
     state = store.write_state(
         name, state="running", run=run, attempt=1, started=time.time(), ended=None, error=None, error_file=None,
-        checkpoint_dir=checkpoint_dir, workers=opts.workers, ps=opts.ps if opts.strategy == "ps" else 0,
+        checkpoint_dir=plan.checkpoint_dir, workers=opts.workers, ps=opts.ps if opts.strategy == "ps" else 0,
         epochs=opts.epochs, driver_pid=os.getpid(), driver_host=socket.gethostname(),
-        **(origin or RunOrigin()).state_fields(),  # a run from no notebook clears the last one's
-        feed=feed.to_dict())  # how features were encoded: Job.predict encodes them the same way
+        **origin.state_fields(),  # a run from no notebook clears the last one's
+        feed=plan.feed.to_dict())  # how features were encoded: Job.predict encodes them the same way
     store.clear_stop_request(name)
     heartbeat = store.heartbeat(name)  # readers elsewhere tell a live run from a dead kernel's
     stop_event = _ACTIVE[name] = threading.Event()
@@ -220,12 +214,12 @@ def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Dat
                 # A fresh token per attempt: registering it closes the previous attempt's channel,
                 # which makes any of its TF processes still alive exit at once.
                 token = channel.register(name, _acting_sink(channel, name, monitor.sink_for(attempt)), requests)
-                group = f"tfos-{name}-run{run}-a{attempt}"
+                group = f"{groups}-a{attempt}"
                 store.write_state(name, attempt=attempt, job_group=group)
                 observers.on_event({"kind": "attempt", "attempt": attempt, "job_group": group})
                 try:
-                    _attempt(sc, frame, plan.for_attempt(attempt, token), profile, monitor, expected, group, observers,
-                             StopControl(stop, lambda: channel.control(name, {"control": "stop"})))
+                    _attempt(backend, frame, plan.for_attempt(attempt, token), profile, monitor, expected, group,
+                             observers, StopControl(stop, lambda: channel.control(name, {"control": "stop"})))
                     break
                 except AttemptFailed as exc:
                     if not exc.retryable or attempt > opts.max_restarts:
@@ -286,13 +280,13 @@ def _acting_sink(channel: DriverChannel, name: str, sink: Callable[[dict[str, An
     return forward
 
 
-def _attempt(sc, frame: DataFrame, plan: TaskPlan, profile, monitor: RunMonitor,
+def _attempt(backend: SparkBackend, frame: DataFrame, plan: TaskPlan, profile, monitor: RunMonitor,
              expected: list[tuple[str, int]], group: str, observers: JobObserver, stop: StopControl) -> None:
-    ps = None
     opts = plan.options
-    if opts.strategy == "ps":
-        ps_rdd = sc.parallelize(range(opts.ps), opts.ps).mapPartitionsWithIndex(make_ps_task(plan))
-        ps = SparkJob(sc, f"{group}-ps", f"tfos {plan.job}: {opts.ps} parameter server(s)", ps_rdd.collect)
     stream = frame.mapInArrow(make_task(plan), RESULT_DDL, barrier=True, profile=profile)
-    workers = SparkJob(sc, group, f"tfos {plan.job}: {opts.workers} worker(s)", stream.collect)
-    run_attempt(workers, ps, monitor, expected, opts.start_timeout, observers, stop, opts.stall_timeout)
+    jobs = AttemptJobs(backend, SparkJob(backend, group, f"tfos {plan.job}: {opts.workers} worker(s)", stream.collect))
+    if opts.strategy == "ps":
+        # A barrier stage too: each PS task then knows the address Spark reaches its executor at.
+        jobs.start_ps = lambda: SparkJob(backend, f"{group}-ps", f"tfos {plan.job}: {opts.ps} parameter server(s)",
+                                         backend.barrier_tasks(opts.ps, make_ps_task(plan)))
+    run_attempt(jobs, monitor, expected, opts.start_timeout, observers, stop, opts.stall_timeout)

@@ -8,24 +8,17 @@ only once submitted. Asking first turns both into an immediate error naming the 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from pyspark import SparkContext
 
 from ..errors import TfosError
+from .spark_backend import SparkBackend
 
 # A standalone, YARN or Kubernetes session returns before its executors have registered:
-# a job submitted at once would see too few slots. How long to let them come.
+# a job submitted at once would see too few slots. How long after the session's start to
+# let them come.
 REGISTRATION_WAIT = 15.0
-
-
-def task_slots(sc: SparkContext) -> int:
-    jsc = sc._jsc.sc()  # type: ignore[union-attr]
-    try:
-        profile = jsc.resourceProfileManager().defaultResourceProfile()
-        return int(jsc.maxNumConcurrentTasks(profile))
-    except Exception:  # noqa: BLE001 - a private API; fall back to the public estimate
-        return int(sc.defaultParallelism)
 
 
 def check_dynamic_allocation(sc: SparkContext) -> None:
@@ -47,20 +40,32 @@ def check_dynamic_allocation(sc: SparkContext) -> None:
         "notebook's Spark configuration (docs/deploy.md).")
 
 
-def check_slots(sc: SparkContext, needed: int, what: str, wait: float = REGISTRATION_WAIT,
-                sleep: Callable[[float], None] = time.sleep) -> None:
-    """Refuse a job the cluster cannot run at once. Outside local mode, executors that are
-    still registering get up to `wait` seconds: the check never waits longer."""
+def check_slots(backend: SparkBackend, needed: int, what: str, profile: Any = None, gpus: int = 0,
+                others: int = 0, wait: float = REGISTRATION_WAIT, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Refuse a job the cluster cannot run at once: `needed` tasks under `profile` (the
+    workers, with their GPUs), and `others` more under the default profile (the
+    parameter servers). Outside local mode, executors that are still registering get up
+    to `wait` seconds after the session started: a settled cluster is answered at once."""
     if needed < 1:
         raise TfosError(f"{what} needs at least one task; got {needed}.")
-    slots = task_slots(sc)
-    deadline = time.monotonic() + (0 if sc.master.startswith("local") else wait)
-    while needed > slots and time.monotonic() < deadline:
+    deadline = time.monotonic() + (0 if backend.local else max(0.0, wait - backend.session_age()))
+    while True:
+        slots = backend.task_slots(profile)
+        default = backend.task_slots() if profile is not None else slots
+        fits = needed <= slots and needed + others <= default
+        if fits or time.monotonic() >= deadline:
+            break
         sleep(1.0)
-        slots = task_slots(sc)
-    if needed > slots:
+    if fits:
+        return
+    if needed > slots and profile is not None:
         raise TfosError(
-            f"{what} needs {needed} concurrent Spark tasks, but the cluster ({sc.master}) has "
-            f"{slots} task slots now. Lower --workers to at most {max(slots, 1)}, or give Spark more "
-            "cores or executors (e.g. local[N], spark.executor.cores, spark.executor.instances)."
-        )
+            f"{what} needs {needed} concurrent Spark tasks with {gpus} GPU(s) each, but the cluster "
+            f"({backend.master}) has {slots} task slots with that many GPUs now. Lower --workers to at most "
+            f"{max(slots, 1)} or --gpus-per-worker, or give the executors more GPUs "
+            "(spark.executor.resource.gpu.amount, spark.worker.resource.gpu.amount).")
+    raise TfosError(
+        f"{what} needs {needed + others} concurrent Spark tasks, but the cluster ({backend.master}) has "
+        f"{default} task slots now. Lower --workers to at most {max(default - others, 1)}, or give Spark more "
+        "cores or executors (e.g. local[N], spark.executor.cores, spark.executor.instances)."
+    )

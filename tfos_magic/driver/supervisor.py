@@ -1,10 +1,13 @@
 """Runs in the notebook's kernel: run one attempt of a job as Spark jobs and watch it to its end.
 
-An attempt is the worker job (a barrier `mapInArrow`, one task per TF worker) and,
-in ps mode, the PS job (one long-running task per parameter server). The
-supervisor ends the PS job when the workers finish, and tears the whole attempt
-down when any task fails, saying whether a restart may help (a crash, a lost
-executor) or not (an error in the cell or the data). Every wait is bounded.
+An attempt is the worker job (a barrier `mapInArrow`, one task per TF worker, after
+the user's ETL stages) and, in ps mode, the PS job (one long-running task per
+parameter server), started once the workers' own tasks run. The supervisor ends the
+PS job when the workers finish, and tears the whole attempt down when any task
+fails, saying whether a restart may help (a crash, a lost executor) or not (an error
+in the cell or the data). Every wait is bounded, except the user's own ETL, which is
+shown as progress and can be stopped. Spark itself is reached only through a
+`SparkBackend` (driver/spark_backend.py).
 """
 
 from __future__ import annotations
@@ -17,16 +20,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pyspark import InheritableThread
-
 from ..errors import TfosError
 from ..job import JobStore
 from ..protocol.events import log_line
 from .observers import JobObserver
+from .spark_backend import SparkBackend, SparkJob
 
 POLL_S = 0.2
 ERROR_GRACE_S = 2.0
-CANCEL_WAIT_S = 60.0
 # How long a stop waits for the workers' checkpoint before cancelling them anyway.
 STOP_SAVE_S = 10.0
 # Events that show a TF process moving on (gpu events do when their `rows` grew).
@@ -62,6 +63,10 @@ class RunMonitor:
     run: int
     attempt: int = 1
     started: set[tuple[str, int]] = field(default_factory=set)
+    # Spark tasks of the attempt that have begun (their `task` event), and when the first
+    # worker task did: the TF stage's start, from which its start-up is timed.
+    tasks: set[tuple[str, int]] = field(default_factory=set)
+    tasks_started_at: float | None = None
     errors: list[TaskError] = field(default_factory=list)
     training: bool = False  # the chief got past its set-up (a `training` event)
     last_progress: float = field(default_factory=time.monotonic)
@@ -76,6 +81,7 @@ class RunMonitor:
     def new_attempt(self, attempt: int) -> None:
         with self._lock:
             self.attempt, self.started, self.errors = attempt, set(), []
+            self.tasks, self.tasks_started_at = set(), None
             self.training, self.stop_saved = False, None
             self.last_progress, self.last_event, self._rows = time.monotonic(), {}, {}
             self.pending.clear()
@@ -98,7 +104,11 @@ class RunMonitor:
             role = event.get("role", "worker")
             self._note_progress(event, role)
             self.pending.append(event)
-            if event.get("kind") == "started":
+            if event.get("kind") == "task":
+                self.tasks.add((role, int(event.get("worker", -1))))
+                if role == "worker" and self.tasks_started_at is None:
+                    self.tasks_started_at = time.monotonic()
+            elif event.get("kind") == "started":
                 self.started.add((role, int(event.get("worker", -1))))
             elif event.get("kind") == "training" and role == "worker" and event.get("worker") == 0:
                 self.training = True
@@ -209,70 +219,38 @@ def _spark_error_message(exc: BaseException) -> str:
     return f"Spark job failed: {first[:2000]}"
 
 
-class SparkJob:
-    """One Spark action in its own job group and thread, so it can be watched and cancelled."""
+@dataclass
+class AttemptJobs:
+    """One attempt's Spark jobs: the workers' (the ETL's stages, then the TF stage) and,
+    in ps mode, the parameter servers'. That one starts only when the workers' own tasks
+    do: its tasks would otherwise hold task slots, and their start-up clock run, while
+    the ETL still computes the data."""
 
-    def __init__(self, sc, group: str, description: str, action: Callable[[], Any]) -> None:
-        self.sc, self.group, self.error, self.result = sc, group, None, None
+    backend: SparkBackend
+    workers: SparkJob
+    start_ps: Callable[[], SparkJob] | None = None
+    ps: SparkJob | None = None
 
-        # Its own flag, not Thread.is_alive(): a KeyboardInterrupt that lands in
-        # Thread.join() can leave is_alive() False for a thread that still runs (CPython
-        # before 3.13), and the interrupt must not look like the end of the job.
-        self._done = threading.Event()
-
-        def body() -> None:
-            sc.setJobGroup(group, description, interruptOnCancel=True)
-            try:
-                self.result = action()
-            except BaseException as exc:  # noqa: BLE001 - handed to the watching thread
-                self.error = exc
-            finally:
-                self._done.set()
-
-        self.thread = InheritableThread(target=body, name=group, daemon=True)
-        self.thread.start()
-
-    @property
-    def running(self) -> bool:
-        return not self._done.is_set()
-
-    def wait(self, timeout: float) -> bool:
-        """Wait up to `timeout` for the action to end; whether it has."""
-        return self._done.wait(timeout)
-
-    def stage_active(self) -> bool:
-        """Whether the job's last stage (the TF tasks; earlier ones are the user's ETL) runs."""
-        tracker = self.sc.statusTracker()
-        for job_id in tracker.getJobIdsForGroup(self.group):
-            info = tracker.getJobInfo(job_id)
-            stage = tracker.getStageInfo(max(info.stageIds)) if info and info.stageIds else None
-            if stage and stage.numActiveTasks > 0:
-                return True
-        return False
-
-    def cancel(self) -> None:
-        self.sc.cancelJobGroup(self.group)
-        self.wait(CANCEL_WAIT_S)
+    def running(self) -> list[SparkJob]:
+        return [job for job in (self.workers, self.ps) if job is not None and job.running]
 
 
-def run_attempt(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
-                expected: list[tuple[str, int]], start_timeout: float, observers: JobObserver,
-                stop: StopControl = StopControl(), stall_timeout: float = 600.0) -> None:
+def run_attempt(jobs: AttemptJobs, monitor: RunMonitor, expected: list[tuple[str, int]], start_timeout: float,
+                observers: JobObserver, stop: StopControl = StopControl(), stall_timeout: float = 600.0) -> None:
     """Watch one attempt; return when the workers succeed, raise AttemptFailed otherwise,
     JobStopped on a stop request and KeyboardInterrupt on an interrupt.
 
-    Whatever happens, both Spark jobs are over when this returns or raises.
+    Whatever happens, every Spark job of the attempt is over when this returns or raises.
     """
     try:
         try:
-            _watch(workers, ps, monitor, expected, start_timeout, observers, stop.requested, stall_timeout)
+            _watch(jobs, monitor, expected, start_timeout, observers, stop.requested, stall_timeout)
         except (JobStopped, KeyboardInterrupt):
-            _checkpoint_before_stop(workers, monitor, observers, stop)
+            _checkpoint_before_stop(jobs.workers, monitor, observers, stop)
             raise
     finally:
-        for job in (workers, ps):
-            if job is not None and job.running:
-                job.cancel()
+        for job in jobs.running():
+            job.cancel()
         monitor.drain(observers)
 
 
@@ -293,26 +271,11 @@ def _checkpoint_before_stop(workers: SparkJob, monitor: RunMonitor, observers: J
         observers.on_log(f"tfos: no checkpoint within {STOP_SAVE_S:.0f}s; the job resumes from the last one")
 
 
-def stage_progress(sc, group: str) -> tuple[int, int] | None:
-    """(tasks done, tasks in all) of the group's active stages: the DataFrame being computed
-    before any TF process starts, so that a long ETL does not look like a hang."""
-    tracker = sc.statusTracker()
-    done = total = 0
-    for job_id in tracker.getJobIdsForGroup(group):
-        info = tracker.getJobInfo(job_id)
-        for stage_id in (info.stageIds if info else []):
-            stage = tracker.getStageInfo(stage_id)
-            if stage is not None:
-                done, total = done + stage.numCompletedTasks, total + stage.numTasks
-    return (done, total) if total else None
-
-
-def _watch(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
-           expected: list[tuple[str, int]], start_timeout: float, observers: JobObserver,
-           stop: Callable[[], bool], stall_timeout: float) -> None:
-    running_since: float | None = None
+def _watch(jobs: AttemptJobs, monitor: RunMonitor, expected: list[tuple[str, int]], start_timeout: float,
+           observers: JobObserver, stop: Callable[[], bool], stall_timeout: float) -> None:
+    workers = jobs.workers
     first_error: float | None = None
-    progress: tuple[int, int] | None = None
+    etl = _EtlWatch(jobs, start_timeout, observers)
     while True:
         workers.wait(POLL_S)
         monitor.drain(observers)
@@ -332,25 +295,67 @@ def _watch(workers: SparkJob, ps: SparkJob | None, monitor: RunMonitor,
             if any(json.loads(row["result"]).get("status") == "stopped" for row in workers.result or ()):
                 raise JobStopped("stopped on request")  # ended by a stop, never a success
             return
-        if ps is not None and not ps.running:
-            message = _spark_error_message(ps.error) if ps.error else "the parameter-server job ended"
+        if jobs.ps is not None and not jobs.ps.running:
+            message = _spark_error_message(jobs.ps.error) if jobs.ps.error else "the parameter-server job ended"
             raise AttemptFailed(f"parameter server lost: {message}", retryable=True)
         if set(expected) <= monitor.started:
             stall = monitor.stalled(stall_timeout)
             if stall is not None:
                 raise stall
             continue
-        if not monitor.started:
-            now = stage_progress(workers.sc, workers.group)
-            if now is not None and now != progress:
-                progress = now
-                observers.on_event({"kind": "spark", "done": now[0], "total": now[1]})
-        if running_since is None:
-            if workers.stage_active():
-                running_since = time.time()
-        elif time.time() - running_since > start_timeout:
-            absent = [f"{r}/{i}" for r, i in expected if (r, i) not in monitor.started]
+        if monitor.tasks_started_at is None:
+            etl.poll()  # the ETL's stages still run, or the job waits for task slots
+            continue
+        if jobs.start_ps is not None and jobs.ps is None:
+            jobs.ps = jobs.start_ps()
+        if time.monotonic() - monitor.tasks_started_at > start_timeout:
+            raise _not_started(monitor, expected, start_timeout)
+
+
+class _EtlWatch:
+    """Before the TF stage's tasks start: the ETL's stages (and the repartition that splits
+    the data among the workers) run in the workers' job group, each shuffle of an adaptive
+    query as a Spark job of its own. Their tasks are shown as progress; as long as any of
+    them runs, the ETL is making its way, however long it takes. A job none of whose tasks
+    has run for `start_timeout` seconds is starved of task slots: that fails the attempt."""
+
+    def __init__(self, jobs: AttemptJobs, start_timeout: float, observers: JobObserver) -> None:
+        self.jobs, self.start_timeout, self.observers = jobs, start_timeout, observers
+        self.idle_since = time.monotonic()
+        self.shown: tuple[int, int] | None = None
+
+    def poll(self) -> None:
+        activity = self.jobs.backend.activity(self.jobs.workers.group)
+        now = time.monotonic()
+        if activity is not None:
+            if (activity.done, activity.total) != self.shown:
+                self.shown = (activity.done, activity.total)
+                self.observers.on_event({"kind": "spark", "done": activity.done, "total": activity.total,
+                                         "running": activity.running})
+            if activity.running:
+                self.idle_since = now
+        if now - self.idle_since > self.start_timeout:
             raise AttemptFailed(
-                f"Only {len(monitor.started)} of {len(expected)} TF tasks started within {start_timeout:.0f}s "
-                f"(never started: {', '.join(absent)}). The cluster may lack free task slots or the executors "
-                "cannot start Python processes; check the Spark UI, or raise --start-timeout.", retryable=False)
+                f"No Spark task of the job ran for {self.start_timeout:.0f}s, and its TF tasks never started: the "
+                "cluster had no free task slots for it (other jobs hold them, or executors were lost; the TF stage "
+                "needs all its tasks at once). Free slots, lower --workers, or raise --start-timeout; the Spark UI "
+                "shows what holds them.", retryable=False)
+
+
+def _not_started(monitor: RunMonitor, expected: list[tuple[str, int]], start_timeout: float) -> "AttemptFailed":
+    """The failure when the TF stage began but not every TF process started in time,
+    saying whether their Spark tasks never ran (no slots) or ran but could not start TF."""
+    absent = [(r, i) for r, i in expected if (r, i) not in monitor.started]
+    no_task = [f"{r}/{i}" for r, i in absent if (r, i) not in monitor.tasks]
+    no_tf = [f"{r}/{i}" for r, i in absent if (r, i) in monitor.tasks]
+    why = []
+    if no_task:
+        why.append(f"the Spark tasks of {', '.join(no_task)} never started (no free task slots?)")
+    if no_tf:
+        why.append(f"{', '.join(no_tf)} ran as Spark tasks but their TF processes did not start: the tasks were "
+                   "still computing their first rows (work in the TF stage itself, such as a slow UDF with no shuffle "
+                   "before it), or the executors' Python environment is slow or broken (their task logs in the "
+                   "Spark UI say which)")
+    return AttemptFailed(
+        f"Only {len(monitor.started)} of {len(expected)} TF tasks started within {start_timeout:.0f}s of the TF "
+        f"stage starting: {'; '.join(why)}. Check the Spark UI, or raise --start-timeout.", retryable=False)

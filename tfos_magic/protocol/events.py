@@ -1,7 +1,7 @@
 """Metric events: the public, versioned format of metrics.jsonl (docs/metrics.md).
 
 Every event is a flat JSON object with "v", "time", "kind" and "worker"; the kinds are
-started, training, step, epoch, checkpoint, model, log, error, finished, gpu and stopping.
+task, started, training, step, epoch, checkpoint, model, log, error, finished, gpu and stopping.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 EVENT_VERSION = 1
-KINDS = ("started", "training", "step", "epoch", "checkpoint", "model", "log", "error", "finished", "gpu", "stopping")
+KINDS = ("task", "started", "training", "step", "epoch", "checkpoint", "model", "log", "error", "finished", "gpu", "stopping")
 
 
 def _plain(value: Any) -> Any:

@@ -47,8 +47,9 @@ class TrainOptions:
                          choices=("auto", "matrix", "dict"))
     validation_df: str | None = option(None, "a DataFrame streamed as validation data (a variable, or a job "
                                        "registered under that name)", metavar="NAME")
-    checkpoint_dir: str | None = option(None, "any `tf.io.gfile` path (local, HDFS, object store)",
-                                        metavar="PATH", shown_default="job dir")
+    checkpoint_dir: str | None = option(None, "any `tf.io.gfile` path (local, HDFS, object store); on a cluster, "
+                                        "storage the kernel and every executor share (checked before the job runs)",
+                                        metavar="PATH", shown_default="`$TFOS_CHECKPOINT_ROOT`/JOB, else job dir")
     checkpoint_every_steps: int = option(0, "also checkpoint every N global steps (always every epoch); "
                                          "a failure loses at most this many steps", type=int, metavar="N",
                                          env="TFOS_CHECKPOINT_EVERY_STEPS", minimum=0)
@@ -66,8 +67,10 @@ class TrainOptions:
                                  env="TFOS_ZK_AUTH")
     max_restarts: int = option(2, "restarts from the latest checkpoint after a task dies", type=int,
                                metavar="N", env="TFOS_MAX_RESTARTS", minimum=0)
-    start_timeout: float = option(180.0, "all TF workers must start within S seconds of their Spark stage "
-                                  "starting", type=float, metavar="S", env="TFOS_START_TIMEOUT", minimum=1)
+    start_timeout: float = option(180.0, "all TF processes must start within S seconds of the TF stage's first "
+                                  "task; the ETL before it takes as long as it needs, but a job none of whose "
+                                  "tasks runs for S seconds fails", type=float, metavar="S", env="TFOS_START_TIMEOUT",
+                                  minimum=1)
     env: str | None = option(None, "the Python environment the TF processes run on the executors: a packed "
                              "archive (`tfos pack-env`; a path or URI, shipped with the job) or a directory "
                              "present on every node; without it, the executors' own Python",

@@ -66,6 +66,9 @@ class TaskPlan:
     # TFOS_FAILPOINT, so that it reaches the TF processes on any cluster. None in use.
     failpoint: str | None = None
     env: EnvPlan = field(default_factory=EnvPlan)
+    # On a cluster: a file the kernel wrote into the checkpoint dir, which every worker
+    # must see before it trains (driver/checkpoint_dir.py); None in local mode.
+    checkpoint_marker: str | None = None
 
     @property
     def strategy(self) -> str:

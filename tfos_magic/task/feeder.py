@@ -1,10 +1,14 @@
 """Runs in a Spark task on an executor: one task = one TF process (a worker or a PS).
 
-A worker task starts a fresh TF child process (which imports TensorFlow meanwhile),
-peeks at its first Arrow batch (array lengths, emptiness), agrees the TF cluster with
-its peers through `BarrierTaskContext.allGather`, hands the child its config and
-streams its partition into the child's stdin as Arrow IPC. The
-child dies with the task: PR_SET_PDEATHSIG kills it if the Spark worker is killed.
+A task first tells the notebook it runs (a `task` event: the TF stage has begun, and
+its start-up is timed from here). A worker task then starts a fresh TF child process
+(which imports TensorFlow meanwhile), peeks at its first Arrow batch (array lengths,
+emptiness), agrees the TF cluster with its peers through `BarrierTaskContext.allGather`,
+hands the child its config and streams its partition into the child's stdin as Arrow
+IPC. Every task binds TF to the address Spark reaches its executor at (a barrier
+task's `getTaskInfos()`), never to what the host's own name resolves to (127.0.1.1 on
+Debian). The child dies with the task: PR_SET_PDEATHSIG kills it if the Spark worker
+is killed.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
-from ..protocol.channel import ChannelClient
+from ..protocol.channel import REACH_HINT, ChannelClient
 from ..protocol.events import make_event
 from ..protocol.feed_spec import FeedError, FeedSpec, array_lengths
 from ..protocol.logs import log_tail
 from ..protocol.net import free_port
+from ..protocol.paths import local_path, unshared_checkpoint_dir
 from ..protocol.plan import EnvPlan, TaskConfig, TaskPlan
 from ..protocol.versions import mismatch, probe_source
 
@@ -125,6 +130,8 @@ def run_worker(plan: TaskPlan, batches: Iterator[pa.RecordBatch]) -> pa.RecordBa
     task = BarrierTaskContext.get()
     index = task.partitionId()
     host = _host(plan, task, index)
+    _announce(plan, "worker", index, task.stageId(), host)
+    _check_checkpoint_dir(plan, host)
     # Started first: TensorFlow's import (seconds) overlaps the first batch and the agreement.
     with TFProcess(plan, "worker", index, host, gpu_env(task.resources())) as child:
         first, rest = _peek(batches)
@@ -135,15 +142,38 @@ def run_worker(plan: TaskPlan, batches: Iterator[pa.RecordBatch]) -> pa.RecordBa
         return child.run(plan.with_array_lengths(lengths), len(addrs), env, first, rest)
 
 
-def run_ps(plan: TaskPlan, index: int) -> pa.RecordBatch:
-    """A parameter-server task: its TF process serves variables until the driver ends the job."""
-    from pyspark import TaskContext
+def run_ps(plan: TaskPlan) -> pa.RecordBatch:
+    """A parameter-server task (one of a barrier stage of its own): its TF process serves
+    variables until the driver ends the job."""
+    from pyspark import BarrierTaskContext
 
-    host = plan.host or os.environ.get("SPARK_LOCAL_IP") or socket.gethostbyname(socket.gethostname())
-    task = TaskContext.get()
-    env = gpu_env(task.resources()) if task is not None else {}
-    with TFProcess(plan, "ps", index, host, env) as child:
+    task = BarrierTaskContext.get()
+    index = task.partitionId()
+    host = _host(plan, task, index)
+    _announce(plan, "ps", index, task.stageId(), host)
+    with TFProcess(plan, "ps", index, host, gpu_env(task.resources())) as child:
         return child.run(plan, plan.options.workers, {}, None, iter(()))
+
+
+def _announce(plan: TaskPlan, role: str, index: int, stage: int, host: str) -> None:
+    """Tell the notebook this task of the TF stage runs: the start-up clock starts, and a
+    notebook the executors cannot reach fails the task now, naming the address."""
+    channel = ChannelClient(plan.channel_address, plan.job, plan.token, timeout=10,
+                            connect_within=plan.options.start_timeout)
+    if not channel.connected:
+        raise WorkerFailed(f"{role} {index} on {host}: {channel.error}. {REACH_HINT}")
+    channel.send(make_event("task", index, role=role, stage=stage, host=host, hostname=socket.gethostname()))
+    channel.close()
+
+
+def _check_checkpoint_dir(plan: TaskPlan, host: str) -> None:
+    """On a cluster, a worker whose executor does not see the kernel's marker in the
+    checkpoint dir would checkpoint where no other host can read: refused, with no retry.
+    A URI (hdfs://, s3a://, ...) is looked at by the TF process, which has tf.io.gfile."""
+    marker = plan.checkpoint_marker and local_path(plan.checkpoint_marker)
+    if marker and not os.path.exists(marker):
+        raise WorkerFailed(unshared_checkpoint_dir(plan.checkpoint_dir, f"the executor on {host} "
+                                                   f"({socket.gethostname()})"))
 
 
 def gpu_env(resources: dict[str, Any]) -> dict[str, str]:
@@ -157,7 +187,8 @@ def gpu_env(resources: dict[str, Any]) -> dict[str, str]:
 
 
 def _host(plan: TaskPlan, task: Any, index: int) -> str:
-    """Bind TF where this executor is reachable: its own address unless the plan fixes one."""
+    """Bind TF where this executor is reachable: the address Spark itself reaches it at
+    (the other executors reach it there too), unless the plan fixes one (local mode)."""
     return plan.host or task.getTaskInfos()[index].address.rsplit(":", 1)[0]
 
 
@@ -275,26 +306,26 @@ def make_task(plan: TaskPlan) -> Callable[[Iterator[pa.RecordBatch]], Iterator[p
     """The function for `mapInArrow(..., barrier=True)`."""
 
     def task(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        with _deaf_to_interrupts(), _reporting(plan, "worker", lambda: _partition(barrier=True)):
+        with _deaf_to_interrupts(), _reporting(plan, "worker", _partition):
             yield run_worker(plan, batches)
 
     return task
 
 
-def make_ps_task(plan: TaskPlan) -> Callable[[int, Iterator[Any]], Iterator[str]]:
-    """The function for `rdd.mapPartitionsWithIndex`: one PS task per partition."""
+def make_ps_task(plan: TaskPlan) -> Callable[[], str]:
+    """The function each task of the PS barrier stage runs (SparkBackend.barrier_tasks)."""
 
-    def task(index: int, _rows: Iterator[Any]) -> Iterator[str]:
-        with _deaf_to_interrupts(), _reporting(plan, "ps", lambda: index):
-            yield run_ps(plan, index).column("result")[0].as_py()
+    def task() -> str:
+        with _deaf_to_interrupts(), _reporting(plan, "ps", _partition):
+            return run_ps(plan).column("result")[0].as_py()
 
     return task
 
 
-def _partition(barrier: bool) -> int:
-    from pyspark import BarrierTaskContext, TaskContext
+def _partition() -> int:
+    from pyspark import BarrierTaskContext
 
-    return (BarrierTaskContext if barrier else TaskContext).get().partitionId()
+    return BarrierTaskContext.get().partitionId()
 
 
 @contextlib.contextmanager
@@ -309,7 +340,7 @@ def _reporting(plan: TaskPlan, role: str, index: Callable[[], int]):
 
 
 def _report_error(plan: TaskPlan, role: str, index: int, exc: WorkerFailed) -> None:
-    channel = ChannelClient(plan.channel_address, plan.job, plan.token, timeout=5)
+    channel = ChannelClient(plan.channel_address, plan.job, plan.token, timeout=5, connect_within=10)
     channel.send(make_event("error", index, role=role, message=str(exc), retryable=exc.retryable,
                             details=exc.details))
     channel.close()

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import tensorflow as tf
 
 from ..errors import TfosError
-from ..protocol.paths import CHECKPOINT_PREFIX, H5_MODEL_FILE, MODEL_FILE, join_uri
+from ..protocol.paths import CHECKPOINT_PREFIX, H5_MODEL_FILE, MODEL_FILE, join_uri, local_path, unshared_checkpoint_dir
 
 Notify = Callable[[str, int, int, str], None]  # path, step, epoch, reason
 
@@ -46,6 +46,19 @@ def ensure_writable(directory: str) -> None:
             f"The checkpoint dir {directory!r} is not writable from the workers "
             f"({getattr(exc, 'message', exc)}). Pass a --checkpoint-dir every executor can write to."
         ) from None
+
+
+def check_shared(directory: str, marker: str | None, who: str) -> None:
+    """On a cluster, the kernel's marker in an hdfs://, s3a:// or gs:// checkpoint dir
+    must be visible here too (the Spark task checked a local path already)."""
+    if not marker or local_path(marker) is not None:
+        return
+    try:
+        seen = tf.io.gfile.exists(marker)
+    except (tf.errors.OpError, OSError) as exc:
+        raise TfosError(unshared_checkpoint_dir(directory, f"{who} ({getattr(exc, 'message', exc)})")) from None
+    if not seen:
+        raise TfosError(unshared_checkpoint_dir(directory, who))
 
 
 def incomplete(path: str) -> str | None:

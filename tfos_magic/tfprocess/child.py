@@ -14,16 +14,18 @@ import faulthandler
 import io
 import json
 import os
+import socket
 import sys
 from typing import Any
 
-from ..protocol.channel import ChannelClient
+from ..protocol.channel import REACH_HINT, ChannelClient
 from ..protocol.events import make_event
 from ..protocol.logs import log_tail
 from ..protocol.net import free_port
 from ..protocol.plan import TaskConfig
 from .failpoints import Failpoint
 from .failures import failure
+from .peers import wait_reachable, watch_reachable
 from .stopping import StopRequested, StopSignal
 
 PACK_BYTES = 32 << 20
@@ -76,6 +78,19 @@ def _fenced(result_path: str) -> None:
         os._exit(75)
 
 
+def _abort(config: TaskConfig, channel: Any, message: str) -> None:
+    """Fail this process now, from any thread: a peer that stays unreachable while a
+    collective's set-up or step waits for it, which no exception would interrupt."""
+    print(f"tfos: {message}", file=sys.stderr, flush=True)
+    try:
+        with open(config.result_path, "w") as f:
+            json.dump({"status": "error", "error": message}, f)
+        channel.send(make_event("error", config.index, role=config.role, message=message,
+                                details=log_tail(config.log_path)))
+    finally:
+        os._exit(1)
+
+
 def run(config: TaskConfig) -> dict[str, Any]:
     plan, role, index = config.plan, config.role, config.index
     stop = StopSignal(is_chief=role == "worker" and index == 0, lockstep=plan.options.strategy != "ps",
@@ -86,10 +101,9 @@ def run(config: TaskConfig) -> dict[str, Any]:
         stop.on_control(message)
 
     channel = ChannelClient(plan.channel_address, plan.job, plan.token, on_close=lambda: _fenced(config.result_path),
-                            on_control=on_control)
+                            on_control=on_control, connect_within=plan.options.start_timeout)
     if not channel.connected:
-        return {"status": "error", "error": f"TF {role} {index} {channel.error}. The executors must reach the "
-                "notebook's host: set TFOS_DRIVER_HOST (or spark.driver.host) to an address they can reach."}
+        return {"status": "error", "error": f"TF {role} {index} {channel.error}. {REACH_HINT}"}
     # The GPUs Spark gave this task (task/feeder.py), for the dashboard; None: not assigned.
     # And the Python it runs: the executors' own, or the job's --env (docs/deploy.md).
     channel.send(make_event("started", index, role=role, pid=os.getpid(),
@@ -140,6 +154,21 @@ def _join_cluster(config: TaskConfig, cleanup: list[Any]) -> dict[str, list[str]
     return registry.wait_cluster({"ps": opts.ps, "worker": opts.workers}, timeout=opts.start_timeout)
 
 
+def _me(config: TaskConfig) -> str:
+    return f"TF {config.role} {config.index} on {config.bind_host} ({socket.gethostname()})"
+
+
+def _watch_peers(config: TaskConfig, channel: Any) -> None:
+    """All-reduce: the collective's set-up blocks until every peer answers, so the peers
+    are watched from a thread; one that stays unreachable fails this process."""
+    if config.num_workers < 2:
+        return
+    addresses = json.loads(config.env.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
+    peers = {f"worker {i}": a for i, a in enumerate(addresses) if i != config.index}
+    watch_reachable(peers, config.plan.options.start_timeout, _me(config),
+                    on_failure=lambda message: _abort(config, channel, message))
+
+
 def allreduce_strategy(tf: Any, num_workers: int) -> Any:
     """MultiWorkerMirroredStrategy, its gradients all-reduced in a few packed collectives
     rather than one per tensor. One worker has no peer to reduce with: it gets TF's
@@ -167,14 +196,21 @@ def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup:
     from . import checkpoints, keras_fit, ps_train
     from .context import TrainContext
 
+    timeout = opts.start_timeout
     if ps_mode:
         ps_train.graph_mode()
         if config.role == "ps":
-            ps_train.serve(cluster, config.index)
+            server = ps_train.start_server(cluster, config.index)
+            # A PS receives each worker's updates from that worker's own server.
+            wait_reachable({f"worker {i}": a for i, a in enumerate(cluster["worker"])}, timeout, _me(config))
+            server.join()
             return
         strategy: Any = ps_train.PSStrategy(cluster, config.index)
+        wait_reachable({f"ps {i}": a for i, a in enumerate(cluster["ps"])}, timeout, _me(config))
+    checkpoints.check_shared(plan.checkpoint_dir, plan.checkpoint_marker, _me(config))
     cells.run_cell(plan.train_source, plan.job, namespace)
     if not ps_mode:
+        _watch_peers(config, channel)
         strategy = allreduce_strategy(tf, config.num_workers)
     feed = ArrowFeed(sys.stdin.buffer, plan.feed, config.workdir)
     ctx = (ps_train.PSContext if ps_mode else TrainContext)(

@@ -42,10 +42,10 @@ def graph_mode() -> None:
             setattr(tf.keras.optimizers, name, cls)
 
 
-def serve(cluster: dict[str, list[str]], index: int) -> None:
-    """A PS task: host the variables until the driver ends the Spark job (which kills us)."""
-    server = tf.distribute.Server(tf.train.ClusterSpec(cluster), job_name="ps", task_index=index)
-    server.join()
+def start_server(cluster: dict[str, list[str]], index: int) -> Any:
+    """A PS task's server, listening: it hosts the variables (`join()`) until the driver
+    ends the Spark job, which kills this process."""
+    return tf.distribute.Server(tf.train.ClusterSpec(cluster), job_name="ps", task_index=index)
 
 
 class PSStrategy:

@@ -47,9 +47,9 @@ class RegistryClient(ABC):
 
 
 class EmbeddedRegistryClient(RegistryClient):
-    def __init__(self, address: str, job: str, token: str, attempt: int) -> None:
+    def __init__(self, address: str, job: str, token: str, attempt: int, connect_within: float = 10.0) -> None:
         self.attempt = attempt
-        self._channel = ChannelClient(address, job, token)
+        self._channel = ChannelClient(address, job, token, connect_within=connect_within)
         if not self._channel.connected:
             raise RegistryError(f"Cannot reach the notebook's registry: {self._channel.error}")
 
@@ -96,4 +96,5 @@ def client_for(plan: TaskPlan) -> RegistryClient:
     reg = plan.registry
     if reg.kind == "zookeeper":
         return ZooKeeperRegistryClient(reg.hosts or "", plan.job, plan.attempt, reg.auth)
-    return EmbeddedRegistryClient(plan.channel_address, plan.job, plan.token, plan.attempt)
+    return EmbeddedRegistryClient(plan.channel_address, plan.job, plan.token, plan.attempt,
+                                  connect_within=plan.options.start_timeout)

@@ -107,6 +107,11 @@ class DashboardModel:
             done, total = self.spark_tasks
             self.phase = f"Spark is computing the DataFrame: {done} of {total} tasks done"
 
+    def _on_task(self, e: dict[str, Any]) -> None:
+        """A Spark task of the TF stage began: the data is computed, the TF processes come next."""
+        if self.first_step_at is None and len(self.started_tasks) == 0:
+            self.phase = "Spark tasks of the TF stage running; TF processes starting"
+
     def _on_attempt(self, e: dict[str, Any]) -> None:
         self.attempt = int(e.get("attempt", self.attempt))
         self.started_tasks = set()
