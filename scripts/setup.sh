@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up tfos-magic on a fresh Debian/Ubuntu machine with Python 3.11+:
-# system packages (Java 17+, ZooKeeper, Chromium, Node for the front ends' build) from apt, then a virtualenv in
+# system packages (Java 17+, ZooKeeper, Chromium, Node for the front ends' build, iproute2 and
+# util-linux for the multi-host tests) from apt, then a virtualenv in
 # .venv with the package and its test extras from PyPI, and the JupyterLab sidebar
 # linked into it. Safe to run again: it only installs what is missing.
 set -euo pipefail
@@ -31,6 +32,10 @@ command -v chromium >/dev/null 2>&1 || missing+=(chromium chromium-driver)
 "$PYTHON" -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)
 # npm builds the dashboard's JS bundle and the JupyterLab extension when the package is installed from source.
 command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
+# The multi-host tests (tests/multihost.py) make hosts of network, UTS and mount namespaces.
+# ip is in /usr/sbin, off a plain user's PATH.
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing+=(iproute2)
+command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
 
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing system packages: ${missing[*]}"

@@ -341,3 +341,19 @@ def make_venv(path) -> str:
 
     subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(path)], check=True)
     return glob.glob(os.path.join(str(path), "lib", "python*", "site-packages"))[0]
+
+
+@pytest.fixture(scope="session")
+def multihost(tmp_path_factory):
+    """A Spark standalone cluster of two namespaced hosts (tests/multihost.py): tfos-h1 with 2
+    cores and tfos-h2 with 1, a master on 198.18.0.1, a `shared` folder and a `kernel_home`
+    the hosts cannot see. Drive it from a separate process (a kernel with
+    `multihost.kernel_env(os.environ)`): this one already holds a local Spark session.
+    Skipped without root or the tools; as root, a failure to build it is an error."""
+    from multihost import NamespacedCluster, unavailable
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    with NamespacedCluster(tmp_path_factory.mktemp("multihost")) as cluster:
+        yield cluster
