@@ -184,9 +184,9 @@ def test_events_are_read_by_byte_offset(store, api):
     assert api("jobs", "failed", "events", offset=str(third["offset"]))[1] == {"events": [],
                                                                               "offset": third["offset"]}
     assert api("jobs", "new", "events")[1] == {"events": [], "offset": 0}, "no metrics yet"
-    for bad in ("x", "-1"):
+    for bad in ("x", "-1", "+5", " 5", "5 ", "\u0665", "1_0", "1e3", "9" * 30):  # ASCII decimal digits only
         status, body = api("jobs", "failed", "events", offset=bad)
-        assert status == 400 and "offset" in body["message"]
+        assert status == 400 and "offset" in body["message"], bad
 
     bounded = store.read_events("failed", 0, max_bytes=10)  # one answer's bound cuts at a whole line
     assert [e["step"] for e in bounded.events] == [1] and bounded.offset == len(path.read_bytes().split(b"\n")[0]) + 1
@@ -206,6 +206,34 @@ def test_stop_writes_the_request_for_a_running_job_and_refuses_others(store, api
     assert "%tfos_resume lost" in api("jobs", "lost", "stop", method="POST")[1]["message"]
 
 
+def test_a_stop_never_writes_through_a_link_planted_in_the_job(store, api, tmp_path):
+    store.write_state("new", state="running", run=1, attempt=1, started=time.time(), driver_pid=os.getpid(),
+                      driver_host=socket.gethostname(), heartbeat=time.time())
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    store.stop_request_path("new").symlink_to(victim)
+    assert api("jobs", "new", "stop", method="POST")[0] == 202
+    assert victim.read_text() == "keep me"
+    assert not store.stop_request_path("new").is_symlink() and store.stop_requested("new")
+
+
+def test_answers_are_strict_json_even_for_non_finite_values(store, raw):
+    path = store.job_dir("finished") / "state.json"
+    path.write_text(path.read_text().replace('"started": 1000.0', '"started": NaN'))
+    store.append_events("finished", [{"v": 1, "kind": "step", "worker": 0, "step": 1201,
+                                      "metrics": {"loss": float("inf"), "rows_per_s": 1e308}}])
+    for path in ("tfos/api/jobs", "tfos/api/jobs/finished", "tfos/api/jobs/finished/events?offset=0"):
+        status, body = raw(path)
+        assert status == 200, path
+        json.loads(body, parse_constant=_refuse)  # as a browser's JSON.parse reads it
+    job = json.loads(raw("tfos/api/jobs/finished")[1])
+    assert (job["started"], job["loss"], job["rows_per_s"]) == (None, None, None)
+
+
+def _refuse(constant: str) -> None:
+    raise ValueError(f"{constant} is no JSON")
+
+
 def test_unknown_jobs_and_endpoints_are_json_404s(store, api):
     for parts in (("jobs", "nope"), ("jobs", "nope", "events"), ("nothing", "here")):
         status, body = api(*parts)
@@ -214,7 +242,11 @@ def test_unknown_jobs_and_endpoints_are_json_404s(store, api):
     _job(store, "broken")
     store.job_dir("broken").joinpath("spec.json").write_text("{")  # edited by hand
     status, body = api("jobs")
-    assert status == 200 and "broken" not in [j["name"] for j in body["jobs"]] and len(body["jobs"]) == 4
+    assert status == 200 and len(body["jobs"]) == 5, "the other jobs are listed"
+    broken = next(j for j in body["jobs"] if j["name"] == "broken")
+    assert broken["state"] == "unknown" and "cannot read job 'broken'" in broken["error"], broken
+    status, detail = api("jobs", "broken")
+    assert status == 200 and detail["state"] == "unknown" and detail["history"] == [], detail
 
 
 def test_requests_without_the_token_are_refused(store, api):

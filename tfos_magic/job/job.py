@@ -43,15 +43,9 @@ class Job:
 
     @property
     def error_details(self) -> str | None:
-        """The full traceback and log tail of the task whose error failed the job, or None."""
-        path = self._state.get("error_file")
-        if not path:
-            return None
-        try:
-            with open(path, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return None
+        """The full traceback and log tail of the task whose error failed the job, or None:
+        read from the job's own errors/ only, whatever path state.json names."""
+        return self.store.read_error_details(self.name, self._state.get("error_file"))
 
     @property
     def checkpoint_dir(self) -> str:
