@@ -91,3 +91,42 @@ def test_unreachable_zookeeper_fails_within_a_bounded_time():
     with pytest.raises(RegistryError, match=r"Cannot reach ZooKeeper at 127.0.0.1:\d+ within 10s"):
         ZooKeeperView(f"127.0.0.1:{free_port()}", "nozk")
     assert time.time() - t0 < 20
+
+
+def test_embedded_registry_takes_only_the_plans_roles_of_the_current_attempt_once_each():
+    """Anyone with the attempt's token may ask; the registry still refuses what the plan
+    has no place for, another attempt's requests, and a second address for a task."""
+    channel = DriverChannel(bind_host="127.0.0.1")
+    registry = EmbeddedRegistry(workers=2, ps=1)
+    registry.begin_attempt(2)
+    token = channel.register("plan", lambda e: None, registry.handle)
+    addr = f"127.0.0.1:{channel.port}"
+    current = EmbeddedRegistryClient(addr, "plan", token, attempt=2)
+    stale = EmbeddedRegistryClient(addr, "plan", token, attempt=1)
+    try:
+        current.register("worker", 1, "127.0.0.1:9001")
+        current.register("worker", 1, "127.0.0.1:9001")  # the same again: a harmless repeat
+        for role, index, address, why in [
+            ("worker", 2, "127.0.0.1:9002", r"worker/2 is not in this job's plan \(worker 0..1, ps 0..0\)"),
+            ("ps", 1, "127.0.0.1:9003", "ps/1 is not in this job's plan"),
+            ("chief", 0, "127.0.0.1:9004", "chief/0 is not in this job's plan"),
+            ("worker", -1, "127.0.0.1:9005", "worker/-1 is not in this job's plan"),
+            ("worker", True, "127.0.0.1:9006", "must be a name and a number"),
+            ("worker", 0, "no-port", "must be host:port"),
+            ("worker", 1, "10.0.0.66:9001", r"worker/1 is already registered at 127.0.0.1:9001 in attempt 2"),
+        ]:
+            with pytest.raises(RegistryError, match=why):
+                current.register(role, index, address)
+        with pytest.raises(RegistryError, match=r"attempt 1 is not the job's current attempt \(2\)"):
+            stale.register("worker", 0, "127.0.0.1:9000")
+        with pytest.raises(RegistryError, match="not the job's current attempt"):
+            stale.members()
+        assert current.members() == {"worker": {1: "127.0.0.1:9001"}}
+        registry.begin_attempt(3)  # the next attempt starts empty, and attempt 2 is over
+        assert registry.members(2) == {}
+        with pytest.raises(RegistryError, match=r"attempt 2 is not the job's current attempt \(3\)"):
+            current.register("worker", 0, "127.0.0.1:9000")
+    finally:
+        current.close()
+        stale.close()
+        channel.close()

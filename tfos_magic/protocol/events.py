@@ -23,9 +23,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# An error's traceback and log tail travel with it, under the channel's line limit.
+MAX_DETAILS = 256 * 1024
+
+
 def make_event(kind: str, worker: int, **fields: Any) -> dict[str, Any]:
     if kind not in KINDS:
         raise ValueError(f"unknown event kind {kind!r}")
+    details = fields.get("details")
+    if isinstance(details, str) and len(details) > MAX_DETAILS:  # the end says most: the last frames and lines
+        fields["details"] = f"[... {len(details) - MAX_DETAILS} characters cut ...]\n" + details[-MAX_DETAILS:]
     event = {"v": EVENT_VERSION, "time": time.time(), "kind": kind, "worker": worker}
     for key, value in fields.items():
         if isinstance(value, dict):

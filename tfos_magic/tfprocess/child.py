@@ -16,6 +16,8 @@ import json
 import os
 import socket
 import sys
+import threading
+import time
 from typing import Any
 
 from ..protocol.channel import REACH_HINT, ChannelClient
@@ -31,23 +33,81 @@ from .stopping import StopRequested, StopSignal
 PACK_BYTES = 32 << 20
 
 
-class _PrintsToNotebook(io.TextIOBase):
-    """What the cell prints goes to the notebook as `log` events, line by line, and to the log file."""
+# What the cell prints reaches the notebook at most this many lines a second per process.
+# Each line is an event the kernel handles and writes to metrics.jsonl: a cell printing in
+# a tight loop would send more than the kernel reads, and a send that waits its timeout out
+# costs the process its channel for a moment. The log file always gets every line.
+LOG_LINES_PER_S = 20
+LOG_LINE_CHARS = 4000  # longer lines reach the notebook cut, whole in the log file
 
-    def __init__(self, original: Any, channel: Any, index: int, role: str) -> None:
+
+class _PrintsToNotebook(io.TextIOBase):
+    """What the cell prints goes to the log file, and to the notebook as `log` events line
+    by line, within `lines_per_s` lines a second. Lines over that are counted, and once
+    the second is over one line says how many the notebook did not get."""
+
+    def __init__(self, original: Any, channel: Any, index: int, role: str,
+                 lines_per_s: int = LOG_LINES_PER_S) -> None:
         self._original, self._channel, self._index, self._role = original, channel, index, role
+        self._lines_per_s = lines_per_s
         self._partial = ""
+        self._lock = threading.Lock()  # print() may come from any thread
+        self._window = time.monotonic()  # when this second's budget began
+        self._shown = 0  # lines sent in this second
+        self._hidden = 0  # lines not sent since the last summary
+        self._timer: threading.Timer | None = None
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
         self._original.write(text)
-        lines = (self._partial + text).split("\n")
-        self._partial = lines.pop()
-        for line in lines:
-            self._channel.send(make_event("log", self._index, role=self._role, text=line))
+        with self._lock:
+            lines = (self._partial + text).split("\n")
+            self._partial = lines.pop()[:LOG_LINE_CHARS + 1]  # an unended line holds no more than is shown
+            for line in lines:
+                self._line(line)
         return len(text)
+
+    def _line(self, line: str) -> None:
+        """Under the lock: send one line, or count it when this second's budget is spent."""
+        now = time.monotonic()
+        if now - self._window >= 1.0:
+            self._summarise(now)
+        if self._shown < self._lines_per_s:
+            self._shown += 1
+            if len(line) > LOG_LINE_CHARS:
+                line = f"{line[:LOG_LINE_CHARS]} [... line cut; the full line is in the TF process's log]"
+            self._send(line)
+            return
+        self._hidden += 1
+        if self._timer is None:  # the summary comes even if the cell prints nothing more
+            self._schedule(now)
+
+    def _schedule(self, now: float) -> None:
+        """Under the lock: wake at the end of this second."""
+        self._timer = threading.Timer(max(0.0, self._window + 1.0 - now), self._on_timer)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            self._timer = None
+            now = time.monotonic()
+            if now - self._window >= 1.0:
+                self._summarise(now)
+            elif self._hidden:  # a later line began a new second, and hid lines again
+                self._schedule(now)
+
+    def _summarise(self, now: float) -> None:
+        """Under the lock: start a new second, saying first how many lines the last ones hid."""
+        if self._hidden:
+            self._send(f"[... {self._hidden} lines not shown; the full log is in the TF process's log]")
+            self._hidden = 0
+        self._window, self._shown = now, 0
+
+    def _send(self, text: str) -> None:
+        self._channel.send(make_event("log", self._index, role=self._role, text=text))
 
     def flush(self) -> None:
         self._original.flush()
