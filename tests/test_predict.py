@@ -8,7 +8,7 @@ row and column, and its predictions equal `load_model().predict` on the same row
 
 import numpy as np
 import pytest
-from conftest import DICT_FEATURES_MODEL, run
+from conftest import DICT_FEATURES_MODEL, regression_cell, run
 
 from tfos_magic import TfosError, get_job
 
@@ -80,3 +80,34 @@ def test_native_stderr_is_held_while_tf_loads_and_let_out_on_failure():
             "except ImportError:\n    os.write(2, b'after\\n')\n")
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stderr
     assert err == "why it failed\nafter\n", err
+
+
+SIGNED = """%%spark_etl {name}
+from pyspark.sql import functions as F
+df = spark.range(4000, numPartitions=2).select(F.rand(1).alias("a"), F.rand(2).alias("b"))
+df = df.withColumn("y", {sign} * (3 * F.col("a") - 2 * F.col("b")))
+df
+"""
+SIGNED_TRAIN = ("%%tf_train {name} --workers 1 --epochs 3 --batch-size 64 --label y --restart\n"
+                + regression_cell(inputs=2, hidden=8, learning_rate=0.02))
+
+
+def test_predict_after_a_retrain_serves_the_new_model(shell):
+    """Spark reuses its Python workers, and a retrained job saves its model at the same
+    path: a worker that cached the first model by its path served it again."""
+    first = None
+    for sign in (1, -1):
+        for cell in (SIGNED.format(name="signed", sign=sign), SIGNED_TRAIN.format(name="signed")):
+            _, err = run(shell, cell)
+            assert err is None, err
+        job = get_job("signed")
+        frame = shell.user_ns["df"].repartition(4)
+        for _ in range(2):  # every Python worker Spark keeps for later tasks loads this model
+            rows = sorted(job.predict(frame).collect(), key=lambda r: r["a"])  # the same order every time
+        got = np.array([r["prediction"] for r in rows], np.float32)
+        label = np.array([r["y"] for r in rows], np.float32)
+        assert np.corrcoef(got, label)[0, 1] > 0.9, (sign, np.corrcoef(got, label)[0, 1])
+        inputs = np.array([[r["a"], r["b"]] for r in rows], np.float32)
+        np.testing.assert_allclose(got, job.load_model().predict(inputs, verbose=0).reshape(-1), rtol=1e-4, atol=1e-4)
+        first = got if first is None else first
+    assert np.corrcoef(first, got)[0, 1] < -0.9  # the second model is not the first

@@ -129,7 +129,9 @@ class Job:
             raise TfosError(f"Job {self.name!r}'s model has several outputs; Job.predict supports one. Use "
                             "Job.load_model() and predict with it.")
         spec = trained_feed(self._state, self.spec.options, df)
-        return predict(df, model["path"], spec, output_col, int(outputs), self.spec.options.fillna)
+        # Which save of the model it is: each run (and attempt) that saves one sends its own event.
+        version = f"{model.get('run')}:{model.get('attempt')}:{model.get('time')}"
+        return predict(df, model["path"], version, spec, output_col, int(outputs), self.spec.options.fillna)
 
     def export(self, path: str) -> str:
         """Write the trained model as a TensorFlow SavedModel at `path` (any tf.io.gfile

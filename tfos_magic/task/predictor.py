@@ -21,30 +21,36 @@ from ..protocol.logs import native_stderr_held
 
 INPUT_PREFIX = "__tfos_in_"  # the prepared (cast) feature columns, next to the row's own columns
 
-_MODELS: dict[str, Any] = {}
+# path -> (the saved model's version, the model): one model per path, the latest asked for.
+_MODELS: dict[str, tuple[str, Any]] = {}
 _LOCK = threading.Lock()
 
 
-def _model(path: str) -> Any:
+def _model(path: str, version: str) -> Any:
+    """The model saved at `path`, loaded once per Python worker and version. A retrained
+    job saves a new model at the same path: `version` (which save it is, from the driver)
+    tells the two apart, so a worker Spark reuses never serves the old one."""
     with _LOCK:
-        if path not in _MODELS:
+        cached = _MODELS.get(path)
+        if cached is None or cached[0] != version:
+            _MODELS.pop(path, None)  # the old model's memory goes before the new one loads
             os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             with native_stderr_held():
                 import tf_keras
 
-                _MODELS[path] = tf_keras.models.load_model(path, compile=False)
-        return _MODELS[path]
+                _MODELS[path] = (version, tf_keras.models.load_model(path, compile=False))
+        return _MODELS[path][1]
 
 
-def predict_fn(model_path: str, spec: dict[str, Any], keep: list[str], output_col: str,
+def predict_fn(model_path: str, version: str, spec: dict[str, Any], keep: list[str], output_col: str,
                outputs: int) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """The function for `mapInArrow`: each batch keeps the columns `keep` and gains
     `output_col` (a float, or an array of `outputs` floats)."""
     feed = FeedSpec.from_dict(spec)
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        model = _model(model_path)
+        model = _model(model_path, version)
         arrays = BatchArrays(feed)
         for batch in batches:
             if not batch.num_rows:
