@@ -208,3 +208,47 @@ def test_the_site_root_gives_each_job_its_own_checkpoint_dir(tmp_path, monkeypat
     monkeypatch.setenv("TFOS_CHECKPOINT_ROOT", "hdfs://nn:8020/tfos/")
     assert checkpoint_dir_for(None, store, "a") == "hdfs://nn:8020/tfos/a"
     assert checkpoint_dir_for("s3a://b/x", store, "a") == "s3a://b/x"
+
+
+SPARK_TEXT = ("An error occurred while calling o87.collectToPython.\n: org.apache.spark.SparkException: Job aborted due "
+              "to stage failure: ... org.apache.spark.api.python.PythonException: Traceback (most recent call last):\n"
+              "  File \"feeder.py\", line 300, in task\ntfos_magic.task.feeder.{cls}: TF worker 0 {what}\n\tat org.apache")
+
+
+@pytest.mark.parametrize("cls, what, retryable", [
+    ("WorkerFailed", "failed: NameError: name 'x' is not defined", False),  # the cell: a restart cannot help
+    ("WorkerCrashed", "crashed with SIGKILL (signal 9) before reporting a result", True),
+])
+def test_a_task_failure_is_retried_only_when_spark_says_it_crashed(monitor, cls, what, retryable):
+    """No report reached the notebook (its executors could not reach it, say): the class
+    that failed the task, in Spark's error text, says whether a restart may help."""
+    spark, action = FakeSpark(), FakeAction()
+    jobs = AttemptJobs(spark, SparkJob(spark, GROUP, "workers", action))
+    later(0.2, lambda: action.fail(RuntimeError(SPARK_TEXT.format(cls=cls, what=what))))
+    with pytest.raises(AttemptFailed) as err:
+        run_attempt(jobs, monitor, WORKERS, start_timeout=5.0, observers=JobObserver())
+    assert err.value.retryable is retryable and str(err.value) == f"TF worker 0 {what}", str(err.value)
+
+
+def test_a_lost_executor_may_be_retried(monitor):
+    spark, action = FakeSpark(), FakeAction()
+    jobs = AttemptJobs(spark, SparkJob(spark, GROUP, "workers", action))
+    later(0.2, lambda: action.fail(RuntimeError("Job aborted due to stage failure: ExecutorLostFailure (executor 1 "
+                                                "exited caused by one of the running tasks)")))
+    with pytest.raises(AttemptFailed) as err:
+        run_attempt(jobs, monitor, WORKERS, start_timeout=5.0, observers=JobObserver())
+    assert err.value.retryable and "ExecutorLostFailure" in str(err.value)
+
+
+def test_the_failing_process_s_own_report_wins_over_spark_s_earlier_word(monitor):
+    """Spark ends the barrier stage as soon as a task fails; the TF process's own error
+    event, with the cell's line, may arrive a moment later and is the one to report."""
+    spark, action = FakeSpark(), FakeAction()
+    jobs = AttemptJobs(spark, SparkJob(spark, GROUP, "workers", action))
+    later(0.2, lambda: action.fail(RuntimeError("Job aborted: ExecutorLostFailure")))
+    later(1.0, lambda: send(monitor, "error", 1, message="ValueError: bad label (cell line 4)"))
+    started = time.monotonic()
+    with pytest.raises(AttemptFailed) as err:
+        run_attempt(jobs, monitor, WORKERS, start_timeout=5.0, observers=JobObserver())
+    assert str(err.value) == "worker 1: ValueError: bad label (cell line 4)" and not err.value.retryable
+    assert time.monotonic() - started < 3.5

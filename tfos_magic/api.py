@@ -168,8 +168,11 @@ def resume(name: str, *, namespace: dict[str, Any] | None = None, views: ViewFac
 
 def _run(spec: JobSpec, df: Any, namespace: dict[str, Any], views: ViewFactory | None, background: bool,
          store: JobStore, origin: RunOrigin | None) -> dict[str, Any] | None:
-    from .driver.launcher import launch, refuse_if_running
+    from .driver.launcher import launch, refuse_if_running, release, reserve
 
+    # Checked before anything of the job is written: a refused run leaves the stored cells
+    # and options as they were, for the sidebar and the next resume.
+    refuse_if_running(store, spec.name)
     spark = _session_for(spec, namespace)
     spec.spark = spark_settings(spark)
     validation = _validation_frame(spec.options.validation_df, namespace)
@@ -179,23 +182,29 @@ def _run(spec: JobSpec, df: Any, namespace: dict[str, Any], views: ViewFactory |
         _show_history(observers, store, spec.name)
     if not background:
         return launch(spark, spec, df, store, validation, observers=observers, origin=origin)
-    refuse_if_running(store, spec.name)
-    for view in observers.observers:  # shown by the caller's cell, before the thread starts
-        show = getattr(view, "show", None)
-        if callable(show):
-            show()
+    # Claimed before the thread starts: a stop while the run is still being planned reaches it.
+    reserved = reserve(store, spec.name)
+    try:
+        for view in observers.observers:  # shown by the caller's cell, before the thread starts
+            show = getattr(view, "show", None)
+            if callable(show):
+                show()
 
-    def body() -> None:
-        try:
-            launch(spark, spec, df, store, validation, observers=observers, origin=origin)
-        except Exception:  # noqa: BLE001 - already recorded in state.json and shown by the views
-            log.info("tfos: background job %s ended with an error", spec.name, exc_info=True)
-        finally:
-            _RUNS.pop(spec.name, None)
+        def body() -> None:
+            try:
+                launch(spark, spec, df, store, validation, observers=observers, origin=origin, reserved=reserved)
+            except BaseException:  # noqa: BLE001 - already recorded in state.json and shown by the views
+                log.info("tfos: background job %s ended with an error", spec.name, exc_info=True)
+            finally:
+                _RUNS.pop(spec.name, None)
 
-    thread = threading.Thread(target=body, name=f"tfos-{spec.name}", daemon=True)
-    _RUNS[spec.name] = _Run(thread, observers)
-    thread.start()
+        thread = threading.Thread(target=body, name=f"tfos-{spec.name}", daemon=True)
+        _RUNS[spec.name] = _Run(thread, observers)
+        thread.start()
+    except BaseException:
+        _RUNS.pop(spec.name, None)
+        release(spec.name)
+        raise
     return None
 
 

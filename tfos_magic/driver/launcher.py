@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from pyspark.sql import DataFrame
@@ -92,7 +93,8 @@ def _registry(opts: TrainOptions, job: str) -> tuple[Any, RegistryPlan]:
         view = ZooKeeperView(hosts, job, opts.zk_auth)  # fails within its timeout if unreachable
         view.clear()  # nodes a dead kernel left behind
         return view, RegistryPlan("zookeeper", hosts, opts.zk_auth)
-    return EmbeddedRegistry(), RegistryPlan("embedded")
+    # It takes only the plan's roles and indexes, for the current attempt (begin_attempt).
+    return EmbeddedRegistry(workers=opts.workers, ps=opts.ps if opts.strategy == "ps" else 0), RegistryPlan("embedded")
 
 
 def _worker_profile(backend: SparkBackend, gpus: int, observers: JobObserver):
@@ -108,30 +110,86 @@ def _worker_profile(backend: SparkBackend, gpus: int, observers: JobObserver):
     return ResourceProfileBuilder().require(TaskResourceRequests().cpus(1).resource("gpu", gpus)).build
 
 
+def reserve(store: JobStore, name: str) -> threading.Event:
+    """Claim `name` for a run of this kernel, before it is planned: from then on a stop
+    (%tfos_stop, a stop request from another process) reaches it, even while it is still
+    being planned (a background run's cell has returned by then). Returns its stop flag,
+    for `launch(..., reserved=)`."""
+    refuse_if_running(store, name)
+    store.clear_stop_request(name)  # a stale one, from before this run
+    event = _ACTIVE[name] = threading.Event()
+    return event
+
+
+def release(name: str) -> None:
+    """Give up a claim `reserve` made for a run that never started."""
+    _ACTIVE.pop(name, None)
+
+
 def launch(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: DataFrame | None = None,
-           observers: JobObserver | None = None, origin: RunOrigin | None = None) -> dict[str, Any]:
+           observers: JobObserver | None = None, origin: RunOrigin | None = None,
+           reserved: threading.Event | None = None) -> dict[str, Any]:
     """Run the job to its end; return the final state dict, or raise JobFailed/KeyboardInterrupt.
 
     Progress goes to `observers` (text, dashboard, CLI), always on this thread. `origin`
     (the notebook and cell that started the run) goes into state.json for the sidebar.
     Nothing here runs the user's ETL: that happens inside the job, in its job group.
+    However it ends, state.json holds a final state with the reason, and the observers
+    get `on_end`. `reserved` is the stop flag of a run `reserve` claimed.
     """
     name = spec.name
     observers = observers or JobObserver()
-    refuse_if_running(store, name)
+    if reserved is None:
+        reserved = reserve(store, name)
     try:
-        return _plan_and_run(spark, spec, df, store, validation, observers, origin or RunOrigin())
-    except TfosError as exc:
-        # A job refused before it ran (too few slots, a checkpoint dir the executors do not
-        # see, ...) reads `failed` with the reason, as one that failed running does.
-        if (store.read_state(name) or {}).get("state") != "failed":
-            store.write_state(name, state="failed", ended=time.time(), error=str(exc), error_file=None)
+        planned = _plan(spark, spec, df, store, validation, observers)
+    except BaseException as exc:
+        # Refused before it ran (too few slots, a checkpoint dir the executors do not see,
+        # an error from Spark while planning): it reads `failed` with the reason too.
+        _ACTIVE.pop(name, None)
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        observers.on_end(store.write_state(
+            name, state="stopped" if interrupted else "failed", ended=time.time(), error_file=None,
+            error="interrupted by the user" if interrupted else _error_text(exc)))
         raise
+    try:
+        return _run(planned, store, observers, origin or RunOrigin(), reserved)
+    finally:
+        planned.close()
 
 
-def _plan_and_run(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: DataFrame | None,
-                  observers: JobObserver, origin: RunOrigin) -> dict[str, Any]:
-    """Check and plan the job, then run it (`_run`)."""
+def _error_text(exc: BaseException) -> str:
+    """The message a user reads for an error: a TfosError's own text; for anything else
+    (a Py4J error, an OSError of the store) its type and first lines."""
+    if isinstance(exc, TfosError):
+        return str(exc)
+    text = str(exc).strip()
+    lines = text.splitlines()
+    first = " ".join(lines[:3])[:1000] if lines else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+@dataclass
+class _Planned:
+    """A job checked and planned, ready to run its attempts."""
+
+    backend: SparkBackend
+    frame: DataFrame
+    plan: TaskPlan
+    profile: Any
+    registry: Any
+    channel: DriverChannel
+    groups: str
+    marker: VisibilityMarker | None
+
+    def close(self) -> None:
+        if self.marker is not None:
+            self.marker.remove()
+
+
+def _plan(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: DataFrame | None,
+          observers: JobObserver) -> _Planned:
+    """Check the job against the cluster and plan it; nothing of it runs yet."""
     opts, name, sc = spec.options, spec.name, spark.sparkContext
     backend = backend_for(spark)
     entry = check_train_source(spec.train_source or "", name)
@@ -158,27 +216,28 @@ def _plan_and_run(spark, spec: JobSpec, df: DataFrame, store: JobStore, validati
     try:
         if marker is not None:
             check_visible(backend, checkpoint_dir, marker, f"{groups}-storage", observers)
-        registry, registry_plan = _registry(opts, name)
         addresses = backend.addresses()
         channel = DriverChannel.get(addresses.bind)
-        plan = TaskPlan(job=name, run=run, channel_address=f"{addresses.advertise}:{channel.port}",
-                        host=addresses.tasks, train_source=spec.train_source or "", feed=feed, options=opts,
-                        checkpoint_dir=checkpoint_dir, registry=registry_plan,
-                        log_dir=store.log_dir(name, checkpoint_dir), failpoint=os.environ.get("TFOS_FAILPOINT") or None,
-                        env=env_plan, checkpoint_marker=marker.path if marker else None)
-        if opts.restart:
-            store.forget_metrics(name)
-        return _run(backend, frame, plan, profile, registry, channel, store, groups, observers, origin)
-    finally:
+        registry, registry_plan = _registry(opts, name)  # last: a ZooKeeper view holds a connection
+    except BaseException:
         if marker is not None:
             marker.remove()
+        raise
+    plan = TaskPlan(job=name, run=run, channel_address=f"{addresses.advertise}:{channel.port}",
+                    host=addresses.tasks, train_source=spec.train_source or "", feed=feed, options=opts,
+                    checkpoint_dir=checkpoint_dir, registry=registry_plan,
+                    log_dir=store.log_dir(name, checkpoint_dir), failpoint=os.environ.get("TFOS_FAILPOINT") or None,
+                    env=env_plan, checkpoint_marker=marker.path if marker else None)
+    return _Planned(backend, frame, plan, profile, registry, channel, groups, marker)
 
 
-def _run(backend: SparkBackend, frame: DataFrame, plan: TaskPlan, profile: Any, registry: Any,
-         channel: DriverChannel, store: JobStore, groups: str, observers: JobObserver,
-         origin: RunOrigin) -> dict[str, Any]:
+def _run(planned: _Planned, store: JobStore, observers: JobObserver, origin: RunOrigin,
+         stop_event: threading.Event) -> dict[str, Any]:
     """Run the planned job's attempts until one succeeds, recording its state."""
+    plan, channel, registry = planned.plan, planned.channel, planned.registry
     name, opts, run = plan.job, plan.options, plan.run
+    if opts.restart:
+        store.forget_metrics(name)
     monitor = RunMonitor(store, name, run)
     requests = registry.handle if isinstance(registry, EmbeddedRegistry) else None
     expected = [("worker", i) for i in range(opts.workers)]
@@ -191,9 +250,7 @@ def _run(backend: SparkBackend, frame: DataFrame, plan: TaskPlan, profile: Any, 
         epochs=opts.epochs, driver_pid=os.getpid(), driver_host=socket.gethostname(),
         **origin.state_fields(),  # a run from no notebook clears the last one's
         feed=plan.feed.to_dict())  # how features were encoded: Job.predict encodes them the same way
-    store.clear_stop_request(name)
     heartbeat = store.heartbeat(name)  # readers elsewhere tell a live run from a dead kernel's
-    stop_event = _ACTIVE[name] = threading.Event()
     last_check = [0.0]
 
     def stop() -> bool:
@@ -210,16 +267,20 @@ def _run(backend: SparkBackend, frame: DataFrame, plan: TaskPlan, profile: Any, 
     try:
         with _interrupt_raises_only():
             for attempt in range(1, opts.max_restarts + 2):
+                if stop():  # asked while the job was being planned, or between attempts
+                    raise JobStopped("stopped on request")
                 monitor.new_attempt(attempt)
                 # A fresh token per attempt: registering it closes the previous attempt's channel,
                 # which makes any of its TF processes still alive exit at once.
+                registry.begin_attempt(attempt)  # only this attempt's tasks may register from now on
                 token = channel.register(name, _acting_sink(channel, name, monitor.sink_for(attempt)), requests)
-                group = f"{groups}-a{attempt}"
+                group = f"{planned.groups}-a{attempt}"
                 store.write_state(name, attempt=attempt, job_group=group)
                 observers.on_event({"kind": "attempt", "attempt": attempt, "job_group": group})
                 try:
-                    _attempt(backend, frame, plan.for_attempt(attempt, token), profile, monitor, expected, group,
-                             observers, StopControl(stop, lambda: channel.control(name, {"control": "stop"})))
+                    _attempt(planned.backend, planned.frame, plan.for_attempt(attempt, token), planned.profile, monitor,
+                             expected, group, observers,
+                             StopControl(stop, lambda: channel.control(name, {"control": "stop"})))
                     break
                 except AttemptFailed as exc:
                     if not exc.retryable or attempt > opts.max_restarts:
@@ -234,8 +295,8 @@ def _run(backend: SparkBackend, frame: DataFrame, plan: TaskPlan, profile: Any, 
         final = store.write_state(name, state="stopped", ended=time.time(), error="stopped on request")
         observers.on_end(final)
         return final
-    except TfosError as exc:
-        observers.on_end(store.write_state(name, state="failed", ended=time.time(), error=str(exc)))
+    except BaseException as exc:  # a TfosError, or anything from Spark or the store: never left `running`
+        observers.on_end(store.write_state(name, state="failed", ended=time.time(), error=_error_text(exc)))
         raise
     finally:
         heartbeat.close()

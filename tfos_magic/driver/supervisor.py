@@ -206,17 +206,23 @@ class AttemptFailed(TfosError):
         self.details_file = details_file
 
 
-def _spark_error_message(exc: BaseException) -> str:
+def _spark_error(exc: BaseException) -> tuple[str, bool]:
+    """What a Spark job's failure says, and whether a restart may cure it. Our tasks'
+    own failures travel in Spark's error text as the class that raised them: a
+    WorkerCrashed (a TF process that died without a word) may be cured, a WorkerFailed
+    (an error in the cell or the data, an environment that does not fit) may not, nor
+    may any other Python exception. Anything else (a lost executor, a killed task) may."""
     text = str(exc)
-    m = re.search(r"WorkerFailed: (.*?)(?:\n\s+at |\n\tat |\nTraceback|\Z)", text, re.S)
+    m = re.search(r"\b(WorkerFailed|WorkerCrashed): (.*?)(?:\n\s+at |\n\tat |\nTraceback|\Z)", text, re.S)
     if m:
-        return m.group(1).strip()
+        return m.group(2).strip(), m.group(1) == "WorkerCrashed"
     if "No module named 'tfos_magic'" in text or "No module named 'tensorflow'" in text:
         return ("The Spark executors' Python cannot import tfos_magic/TensorFlow. Ship an environment with the "
                 "job (--env, made by `tfos pack-env env.tar.gz`; docs/deploy.md), or point spark.pyspark.python "
-                "(or PYSPARK_PYTHON) at a Python that has tfos-magic installed.")
+                "(or PYSPARK_PYTHON) at a Python that has tfos-magic installed."), False
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return f"Spark job failed: {first[:2000]}"
+    python_error = "Traceback (most recent call last)" in text or "PythonException" in text
+    return f"Spark job failed: {first[:2000]}", not python_error
 
 
 @dataclass
@@ -290,14 +296,18 @@ def _watch(jobs: AttemptJobs, monitor: RunMonitor, expected: list[tuple[str, int
             continue
         if not workers.running:
             if workers.error is not None:
-                # Failed with no report from our code: a lost executor or a killed task.
-                raise AttemptFailed(_spark_error_message(workers.error), retryable=True)
+                # Spark's word may come before the failing process's own report: wait for it a moment.
+                first_error = first_error or time.time()
+                if time.time() - first_error <= ERROR_GRACE_S:
+                    continue
+                message, retryable = _spark_error(workers.error)
+                raise AttemptFailed(message, retryable=retryable)
             if any(json.loads(row["result"]).get("status") == "stopped" for row in workers.result or ()):
                 raise JobStopped("stopped on request")  # ended by a stop, never a success
             return
         if jobs.ps is not None and not jobs.ps.running:
-            message = _spark_error_message(jobs.ps.error) if jobs.ps.error else "the parameter-server job ended"
-            raise AttemptFailed(f"parameter server lost: {message}", retryable=True)
+            message, retryable = _spark_error(jobs.ps.error) if jobs.ps.error else ("the parameter-server job ended", True)
+            raise AttemptFailed(f"parameter server lost: {message}", retryable=retryable)
         if set(expected) <= monitor.started:
             stall = monitor.stalled(stall_timeout)
             if stall is not None:

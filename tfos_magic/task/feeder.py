@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -47,14 +48,22 @@ _CHECKED: set[tuple[str, str]] = set()
 
 
 class WorkerFailed(RuntimeError):
-    """Raised in the Spark task so that Spark ends the whole barrier stage."""
+    """Raised in the Spark task so that Spark ends the whole barrier stage: an error a
+    restart cannot cure (the cell, the data, the environment). The notebook reads the
+    class's name in Spark's error text when the task's own report did not reach it."""
 
-    def __init__(self, message: str, reported: bool = False, retryable: bool = False,
-                 details: str | None = None) -> None:
+    retryable = False
+
+    def __init__(self, message: str, reported: bool = False, details: str | None = None) -> None:
         super().__init__(message)
         self.reported = reported  # already sent to the driver as an error event
-        self.retryable = retryable
         self.details = details  # the log's tail, kept in the job's errors/ dir
+
+
+class WorkerCrashed(WorkerFailed):
+    """A TF process that died without a word (a crash, the OOM killer): a restart may cure it."""
+
+    retryable = True
 
 
 def _die_with_parent() -> None:
@@ -273,17 +282,31 @@ class TFProcess:
 
 
 def _stream(child: subprocess.Popen, first: pa.RecordBatch | None, rest: Iterator[pa.RecordBatch]) -> None:
-    """Write the partition as an Arrow IPC stream; a child that stops reading ends it early."""
+    """Write the partition as an Arrow IPC stream; a child that stops reading ends it early.
+
+    Only a complete partition ends with the stream's end marker. An error while reading
+    the partition (an Arrow IO error from Spark's side is an OSError too) propagates
+    before the marker is written: the TF process then sees a truncated stream, never a
+    short partition that looks whole."""
     assert child.stdin is not None
+    if first is not None:
+        try:
+            writer = pa.ipc.new_stream(child.stdin, first.schema)
+        except OSError:
+            return  # the child exited early; its result file says why
+        for batch in itertools.chain([first], rest):  # errors reading the partition propagate
+            try:
+                writer.write_batch(batch)
+            except OSError:
+                return  # the child stopped reading (exited); no end marker
+        try:
+            writer.close()  # the end marker: the whole partition was written
+        except OSError:
+            return
     try:
-        if first is not None:
-            with pa.ipc.new_stream(child.stdin, first.schema) as writer:
-                writer.write_batch(first)
-                for batch in rest:
-                    writer.write_batch(batch)
         child.stdin.close()
-    except (BrokenPipeError, ConnectionResetError, OSError):
-        pass  # the child exited early; its result file says why
+    except OSError:
+        pass
 
 
 def _result(config: TaskConfig, code: int) -> pa.RecordBatch:
@@ -293,12 +316,12 @@ def _result(config: TaskConfig, code: int) -> pa.RecordBatch:
             result = json.load(f)
     except (OSError, json.JSONDecodeError):
         # A process that died without a word (a crash, the OOM killer) may succeed on a restart.
-        raise WorkerFailed(f"TF {role} {index} {exit_description(code)} before reporting a result",
-                           retryable=True, details=f"Last lines of its log:\n{log_tail(config.log_path)}") from None
+        raise WorkerCrashed(f"TF {role} {index} {exit_description(code)} before reporting a result",
+                            details=f"Last lines of its log:\n{log_tail(config.log_path)}") from None
     # "stopped": the notebook asked for it (and is cancelling the job). The task ends
     # normally: failing it would print Spark's task-failure stack trace into the cell.
     if result["status"] not in ("ok", "stopped"):
-        raise WorkerFailed(f"TF {role} {index} failed: {result['error']}", reported=True)
+        raise WorkerFailed(f"TF {role} {index} failed: {result['error']}", reported=bool(result.get("sent", True)))
     return pa.RecordBatch.from_pydict({"worker": [index], "result": [json.dumps(result)]}, schema=RESULT_SCHEMA)
 
 

@@ -143,10 +143,10 @@ def _abort(config: TaskConfig, channel: Any, message: str) -> None:
     collective's set-up or step waits for it, which no exception would interrupt."""
     print(f"tfos: {message}", file=sys.stderr, flush=True)
     try:
+        sent = channel.send(make_event("error", config.index, role=config.role, message=message,
+                                       details=log_tail(config.log_path)))
         with open(config.result_path, "w") as f:
-            json.dump({"status": "error", "error": message}, f)
-        channel.send(make_event("error", config.index, role=config.role, message=message,
-                                details=log_tail(config.log_path)))
+            json.dump({"status": "error", "error": message, "sent": bool(sent)}, f)
     finally:
         os._exit(1)
 
@@ -163,7 +163,7 @@ def run(config: TaskConfig) -> dict[str, Any]:
     channel = ChannelClient(plan.channel_address, plan.job, plan.token, on_close=lambda: _fenced(config.result_path),
                             on_control=on_control, connect_within=plan.options.start_timeout)
     if not channel.connected:
-        return {"status": "error", "error": f"TF {role} {index} {channel.error}. {REACH_HINT}"}
+        return {"status": "error", "error": f"TF {role} {index} {channel.error}. {REACH_HINT}", "sent": False}
     # The GPUs Spark gave this task (task/feeder.py), for the dashboard; None: not assigned.
     # And the Python it runs: the executors' own, or the job's --env (docs/deploy.md).
     channel.send(make_event("started", index, role=role, pid=os.getpid(),
@@ -196,7 +196,9 @@ def run(config: TaskConfig) -> dict[str, Any]:
         for item in reversed(cleanup):
             item.close()
         if result["status"] == "error":
-            channel.send(make_event("error", index, role=role, message=result["error"], details=result["details"]))
+            # Whether the notebook got it: if not, the Spark task reports it (task/feeder.py).
+            result["sent"] = bool(channel.send(make_event("error", index, role=role, message=result["error"],
+                                                          details=result["details"])))
         channel.send(make_event("finished", index, role=role, status=result["status"]))
         channel.close()
     return result
