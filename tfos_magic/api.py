@@ -18,6 +18,7 @@ from typing import Any, Callable
 from .driver.observers import JobObserver, Observers
 from .errors import TfosError
 from .job import JobSpec, JobStore, RunOrigin
+from .job.spec import redact_conf
 from .job.store import check_name
 from .protocol.cells import check_train_source, run_cell
 from .protocol.options import TrainOptions, options_from
@@ -114,9 +115,13 @@ def _session_for(spec: JobSpec, namespace: dict[str, Any]) -> Any:
 
 
 def spark_settings(spark: Any) -> dict[str, Any]:
-    """The master and the conf keys a user set, for a session made again after a restart."""
-    conf = {k: v for k, v in spark.sparkContext.getConf().getAll() if not k.startswith(_RUNTIME_CONF)}
+    """The master and the conf keys a user set, for a session made again after a restart.
+    Secrets (keys matching spark.redaction.regex) are stored redacted: a session made
+    again takes them from the usual places (spark-defaults.conf, the environment)."""
+    all_conf = spark.sparkContext.getConf()
+    conf = {k: v for k, v in all_conf.getAll() if not k.startswith(_RUNTIME_CONF)}
     conf.pop("spark.master", None)
+    conf = redact_conf(conf, all_conf.get("spark.redaction.regex", None))
     return {"master": spark.sparkContext.master, "conf": dict(sorted(conf.items()))}
 
 

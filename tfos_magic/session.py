@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from .errors import TfosError
+from .job.spec import REDACTED
 
 
 def get_spark(user_ns: dict[str, Any] | None = None, master: str | None = None,
@@ -50,7 +51,8 @@ def _create(master: str | None, conf: dict[str, str]):
         os.environ.setdefault("PYSPARK_PYTHON", python)
     builder = SparkSession.builder.master(master).appName("tfos-magic")
     for key, value in conf.items():
-        builder = builder.config(key, value)
+        if value != REDACTED:  # a secret the store did not keep: Spark's own config files give it
+            builder = builder.config(key, value)
     if python is not None:
         builder = builder.config("spark.pyspark.python", python)
     try:

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from ..job import Job, JobStore
+from ..job.spec import redact_conf
 from ..job.store import check_name
 from ..protocol.options import TrainOptions
 
@@ -44,7 +45,10 @@ def jobs(as_json: bool = False) -> int:
 
 def status(name: str, as_json: bool = False) -> int:
     job = Job(check_name(name), JobStore())  # an unknown job: a TfosError naming the known ones
-    info = dict(job.overview(), options=job.spec.options.to_dict(secrets=False), spark=job.spec.spark,
+    spark = dict(job.spec.spark or {})
+    if spark.get("conf"):  # a job stored by an older version may hold secrets in clear
+        spark["conf"] = redact_conf(spark["conf"])
+    info = dict(job.overview(), options=job.spec.options.to_dict(secrets=False), spark=spark or None,
                 dir=job.dir, checkpoint_dir=job.checkpoint_dir)
     if as_json:
         print(json.dumps(info, indent=1))

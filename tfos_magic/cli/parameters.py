@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import keyword
 from typing import Any
 
 from ..errors import TfosError
@@ -22,8 +23,9 @@ def parse_parameters(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         key = key.strip()
-        if not sep or not key.isidentifier():
-            raise TfosError(f"-p {pair!r}: a parameter is KEY=VALUE with KEY a Python name, e.g. -p epochs=3.")
+        if not sep or not key.isidentifier() or keyword.iskeyword(key):
+            raise TfosError(f"-p {pair!r}: a parameter is KEY=VALUE with KEY a Python name that is not a keyword, "
+                            "e.g. -p epochs=3.")
         try:
             out[key] = ast.literal_eval(raw)
         except (ValueError, SyntaxError, MemoryError, RecursionError):

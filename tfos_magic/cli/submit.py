@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from .. import api
@@ -29,7 +30,26 @@ OPTION_NAMES = tuple(f.name for f in dataclasses.fields(TrainOptions))
 def overrides_from(args: Any) -> dict[str, Any]:
     """The train options given on the command line; those not given parse as None, and
     then the stored ones stand (`options_from` with the stored options as its base)."""
-    return {name: getattr(args, name) for name in OPTION_NAMES if getattr(args, name, None) is not None}
+    given = {name: getattr(args, name) for name in OPTION_NAMES if getattr(args, name, None) is not None}
+    if "zk_auth" in given:
+        given["zk_auth"] = zk_auth_from(given["zk_auth"])
+    return given
+
+
+def zk_auth_from(value: str) -> str:
+    """A command line shows every argument to every user of the machine (`ps`), so it
+    takes the ZooKeeper password only from a file (`--zk-auth @FILE`, its first line) or
+    from TFOS_ZK_AUTH, never in clear."""
+    if not value.startswith("@"):
+        raise TfosError("--zk-auth USER:PASSWORD on a command line shows the password to every user of this machine "
+                        "(ps). Put USER:PASSWORD in a file only you can read and pass --zk-auth @FILE, or set "
+                        "TFOS_ZK_AUTH.")
+    path = Path(value[1:]).expanduser()
+    try:
+        line = path.read_text().strip().splitlines()[0].strip()
+    except (OSError, IndexError, UnicodeDecodeError):
+        raise TfosError(f"--zk-auth @{path}: cannot read a USER:PASSWORD line from that file.") from None
+    return line
 
 
 def submit(name: str, overrides: dict[str, Any], parameters: dict[str, Any] | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 import zipfile
 from pathlib import Path
@@ -32,27 +33,84 @@ def ship_package(sc: SparkContext) -> str:
     """Add the package's Python modules as a zip to `sc`, once per content. A Spark task
     imports only task/ and protocol/ from it; the rest travels so that nothing of the
     package is ever half there. Named by content hash: a changed package is a new file."""
-    sources = sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
-    digest = hashlib.sha256()
-    for path in sources:
-        digest.update(str(path.relative_to(PACKAGE)).encode())
-        digest.update(path.read_bytes())
-    name = f"tfos_magic-{digest.hexdigest()[:16]}.zip"
+    target = package_zip()
     shipped = _SHIPPED.setdefault(id(sc), set())
-    if name in shipped:
-        return name
-    folder = Path(tempfile.gettempdir()) / f"tfos-ship-{os.getuid()}"
-    folder.mkdir(exist_ok=True)
-    target = folder / name
-    if not target.exists():
+    if target.name in shipped:
+        return target.name
+    sc.addPyFile(str(target))
+    shipped.add(target.name)
+    return target.name
+
+
+def _sources() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _digest(files: list[tuple[str, bytes]]) -> str:
+    """The package's content digest: each module's path in the package and its bytes."""
+    digest = hashlib.sha256()
+    for name, data in files:
+        digest.update(name.encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def package_zip() -> Path:
+    """The zip of this package's modules, in a folder only this user can write, checked
+    against the package's own files before it is shipped.
+
+    The executors import it as the notebook's owner, so neither its folder nor its
+    content may come from anyone else: a predictable folder in the shared temp dir
+    could be made first by another local user, with a zip of their own under the name
+    a hash of public sources predicts. A zip already there is used only when its
+    content digest is the package's; otherwise it is written again."""
+    sources = [(str(p.relative_to(PACKAGE)), p.read_bytes()) for p in _sources()]
+    expected = _digest(sources)
+    target = _private_dir() / f"tfos_magic-{expected[:16]}.zip"
+    if not (target.is_file() and not target.is_symlink() and _zip_digest(target) == expected):
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
-            for path in sources:
-                zf.write(path, str(Path(PACKAGE.name) / path.relative_to(PACKAGE)))
+            for name, data in sources:
+                zf.writestr(str(Path(PACKAGE.name) / name), data)
         os.replace(tmp, target)
-    sc.addPyFile(str(target))
-    shipped.add(name)
-    return name
+    return target
+
+
+def _zip_digest(path: Path) -> str | None:
+    """The content digest of a shipped zip, as `_digest` counts it; None if unreadable."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            prefix = PACKAGE.name + "/"
+            files = sorted((i.filename.removeprefix(prefix), zf.read(i)) for i in zf.infolist()
+                           if not i.is_dir())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    return _digest(files)
+
+
+def _private_dir() -> Path:
+    """This user's folder for shipped zips: under the user's cache dir, made 0700 and
+    checked to be a directory (not a link) that this user owns and no one else can
+    write. If the cache dir is unusable, a fresh private temp dir of this process's."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfos-magic" / "ship"
+    try:
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if _owned_and_private(base):
+            return base
+    except OSError:
+        pass
+    global _FALLBACK
+    if _FALLBACK is None:
+        _FALLBACK = Path(tempfile.mkdtemp(prefix="tfos-ship-"))  # 0700, a name no one can predict
+    return _FALLBACK
+
+
+def _owned_and_private(path: Path) -> bool:
+    info = os.lstat(path)
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
+_FALLBACK: Path | None = None
 
 
 def plan_env(sc: SparkContext, given: str | None) -> EnvPlan:

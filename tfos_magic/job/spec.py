@@ -6,13 +6,28 @@ kernel or a batch tool, and read by the sidebar in another process.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..protocol.options import TrainOptions
 
 SPEC_FORMAT = "tfos-job/1"
-__all__ = ["SPEC_FORMAT", "JobSpec", "RunOrigin", "TrainOptions"]
+__all__ = ["SPEC_FORMAT", "JobSpec", "RunOrigin", "TrainOptions", "redact_conf", "REDACTED"]
+# Spark's own default for spark.redaction.regex: the keys whose values its UI and logs hide.
+DEFAULT_REDACTION = r"(?i)secret|password|token|access[.]?key"
+REDACTED = "*********(redacted)"
+
+
+def redact_conf(conf: dict[str, str], pattern: str | None = None) -> dict[str, str]:
+    """`conf` with the value of every secret-looking key replaced, as Spark redacts them
+    (`pattern`: the session's spark.redaction.regex): a stored job, `tfos status --json`
+    and the sidebar never show a password or an access key in clear."""
+    try:
+        secret = re.compile(pattern or DEFAULT_REDACTION)
+    except re.error:
+        secret = re.compile(DEFAULT_REDACTION)
+    return {k: REDACTED if secret.search(k) else v for k, v in conf.items()}
 
 
 @dataclass

@@ -83,7 +83,8 @@ class TrainOptions:
         """As plain data; without `secrets`, the ZooKeeper password is masked (for spec.json)."""
         out = dataclasses.asdict(self)
         if not secrets and out["zk_auth"]:
-            out["zk_auth"] = out["zk_auth"].split(":", 1)[0] + ":***"
+            user, sep, _ = out["zk_auth"].partition(":")
+            out["zk_auth"] = f"{user}:***" if sep else "***"  # a value without a user is all secret
         return out
 
     @classmethod
