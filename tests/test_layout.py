@@ -34,9 +34,10 @@ SERVER_READS = {"job"}
 # The kernel hands Spark the tasks' entry points: the only places it names task code.
 ENTRY_POINTS = {("driver/launcher.py", "task.feeder"), ("driver/predict.py", "task.predictor"),
                 ("driver/checkpoint_dir.py", "task.visibility")}
-# A prediction task runs the model in Spark's Python worker itself (lazily importing
-# tf_keras); the training task never imports TensorFlow.
-MODEL_RUNNING_TASKS = {"task/predictor.py"}
+# A prediction task runs the model in Spark's Python worker itself, and every process loads
+# a saved model through one shared loader (both lazily importing tf_keras); the training
+# task never imports TensorFlow.
+MODEL_RUNNING_TASKS = {"task/predictor.py", "protocol/model_file.py"}
 
 
 def _side(component: str) -> str:

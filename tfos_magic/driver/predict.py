@@ -13,6 +13,7 @@ from pyspark.sql import DataFrame, types as T
 
 from ..errors import TfosError
 from ..protocol.feed_spec import FeedSpec
+from ..protocol.model_file import ModelRef
 from ..task.predictor import INPUT_PREFIX, predict_fn
 from .columns import cast_column, prepare
 
@@ -29,10 +30,10 @@ def trained_feed(state: dict[str, Any], options: Any, df: DataFrame) -> FeedSpec
     return spec
 
 
-def predict(df: DataFrame, model_path: str, version: str, spec: FeedSpec, output_col: str, outputs: int,
+def predict(df: DataFrame, model: ModelRef, spec: FeedSpec, output_col: str, outputs: int,
             fillna: float | None = None) -> DataFrame:
-    """`df` with one more column, `output_col`: the prediction for each row of the model
-    saved at `model_path`; `version` names that save (a retrained job saves at the same path)."""
+    """`df` with one more column, `output_col`: the prediction for each row of the saved
+    model `model` names."""
     fields = {f.name: f.dataType for f in df.schema.fields}
     missing = [c.name for c in spec.features if c.name not in fields]
     if missing:
@@ -46,5 +47,5 @@ def predict(df: DataFrame, model_path: str, version: str, spec: FeedSpec, output
         wide = wide.na.fill(fillna, subset=[INPUT_PREFIX + c.name for c in spec.features if not c.is_array])
     value: T.DataType = T.FloatType() if outputs == 1 else T.ArrayType(T.FloatType(), containsNull=False)
     schema = T.StructType(df.schema.fields + [T.StructField(output_col, value, nullable=False)])
-    return wide.mapInArrow(predict_fn(model_path, version, spec.to_dict(), list(df.columns), output_col, outputs),
+    return wide.mapInArrow(predict_fn(model, spec.to_dict(), list(df.columns), output_col, outputs),
                            schema)

@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import TfosError
+from ..protocol.feed_spec import FeedSpec
 from ..protocol.logs import native_stderr_held
+from ..protocol.model_file import ModelRef, load_model, trust_problem
 from ..protocol.paths import MODEL_FILE, join_uri
 from .digest import JobDigest
 from .spec import JobSpec
@@ -92,11 +94,12 @@ class Job:
         saved = [e["path"] for e in self.store.events(self.name) if e.get("kind") == "model"]
         return saved[-1] if saved else join_uri(self.checkpoint_dir, MODEL_FILE)
 
-    def load_model(self):
-        """Load the trained tf.keras model in the driver (legacy Keras, as the workers used)."""
+    def load_model(self, compile: bool = True):
+        """Load the trained tf.keras model in the kernel (legacy Keras, as the workers used),
+        with the train cell's classes and functions: they come from the job's stored cell,
+        so this works in a new kernel too, and the notebook's own variables are untouched."""
         with native_stderr_held():
             import tensorflow as tf
-            import tf_keras
 
         path = self.model_path
         if not tf.io.gfile.exists(path):
@@ -105,7 +108,7 @@ class Job:
                 "A model is saved when a build_model() job finishes, or when train(ctx) "
                 "returns its tf.keras model."
             )
-        return tf_keras.models.load_model(path)
+        return load_model(path, self.spec.train_source, self.name, compile=compile)
 
     def _saved_model(self) -> dict[str, Any]:
         saved = [e for e in self.store.events(self.name) if e.get("kind") == "model"]
@@ -131,11 +134,23 @@ class Job:
         spec = trained_feed(self._state, self.spec.options, df)
         # Which save of the model it is: each run (and attempt) that saves one sends its own event.
         version = f"{model.get('run')}:{model.get('attempt')}:{model.get('time')}"
-        return predict(df, model["path"], version, spec, output_col, int(outputs), self.spec.options.fillna)
+        # The executors may run as another user: they are told whether the kernel trusts the file.
+        trusted = trust_problem(model["path"]) is None
+        return predict(df, ModelRef(model["path"], version, self.spec.train_source, self.name, trusted), spec,
+                       output_col, int(outputs), self.spec.options.fillna)
 
     def export(self, path: str) -> str:
         """Write the trained model as a TensorFlow SavedModel at `path` (any tf.io.gfile
-        path: local, HDFS, GCS or S3), for TF Serving or `tf.saved_model.load`."""
-        model = self.load_model()
-        model.save(path, save_format="tf", include_optimizer=False)
-        return path
+        path: local, HDFS, GCS or S3), for TF Serving or `tf.saved_model.load`: its
+        `serving_default` signature takes the feature columns as training fed them (one
+        `features` matrix, or one input per column with --inputs dict) and returns
+        `prediction`; serving it needs neither the train cell nor Keras (job/export.py)."""
+        from .export import export_saved_model
+
+        feed = self._state.get("feed")
+        if not feed:
+            raise TfosError(f"Job {self.name!r} has no recorded feed to export a serving signature for; run it "
+                            "again with this version of tfos-magic.")
+        spec = FeedSpec.from_dict(feed)
+        spec.label, spec.has_validation = None, False
+        return export_saved_model(self.load_model(compile=False), spec, path)

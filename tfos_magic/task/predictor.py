@@ -17,40 +17,38 @@ import pyarrow as pa
 
 from ..protocol.arrays import BatchArrays
 from ..protocol.feed_spec import FeedSpec
-from ..protocol.logs import native_stderr_held
+from ..protocol.model_file import ModelRef, load_model
 
 INPUT_PREFIX = "__tfos_in_"  # the prepared (cast) feature columns, next to the row's own columns
+
 
 # path -> (the saved model's version, the model): one model per path, the latest asked for.
 _MODELS: dict[str, tuple[str, Any]] = {}
 _LOCK = threading.Lock()
 
 
-def _model(path: str, version: str) -> Any:
-    """The model saved at `path`, loaded once per Python worker and version. A retrained
-    job saves a new model at the same path: `version` (which save it is, from the driver)
-    tells the two apart, so a worker Spark reuses never serves the old one."""
+def _model(ref: ModelRef) -> Any:
+    """The model `ref` names, loaded once per Python worker and version, so a worker Spark
+    reuses never serves an older save."""
     with _LOCK:
-        cached = _MODELS.get(path)
-        if cached is None or cached[0] != version:
-            _MODELS.pop(path, None)  # the old model's memory goes before the new one loads
+        cached = _MODELS.get(ref.path)
+        if cached is None or cached[0] != ref.version:
+            _MODELS.pop(ref.path, None)  # the old model's memory goes before the new one loads
             os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-            with native_stderr_held():
-                import tf_keras
-
-                _MODELS[path] = (version, tf_keras.models.load_model(path, compile=False))
-        return _MODELS[path][1]
+            _MODELS[ref.path] = (ref.version, load_model(ref.path, ref.source, ref.job, compile=False,
+                                                         trusted=ref.trusted))
+        return _MODELS[ref.path][1]
 
 
-def predict_fn(model_path: str, version: str, spec: dict[str, Any], keep: list[str], output_col: str,
+def predict_fn(ref: ModelRef, spec: dict[str, Any], keep: list[str], output_col: str,
                outputs: int) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """The function for `mapInArrow`: each batch keeps the columns `keep` and gains
     `output_col` (a float, or an array of `outputs` floats)."""
     feed = FeedSpec.from_dict(spec)
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        model = _model(model_path, version)
+        model = _model(ref)
         arrays = BatchArrays(feed)
         for batch in batches:
             if not batch.num_rows:

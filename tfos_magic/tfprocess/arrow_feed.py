@@ -9,6 +9,7 @@ tf.data cuts them to the batch size.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from typing import Any, BinaryIO, Iterator
@@ -123,6 +124,14 @@ class ArrowFeed:
         else:
             self.drain()
             yield from self._spilled(split)
+
+    def sample(self, rows: int) -> Any:
+        """The features of this worker's first `rows` training rows (None if it had none):
+        what the chief checks its saved model on (model_check.py). Reads the whole stream."""
+        self.drain()
+        with contextlib.closing(self._spilled("train")) as spilled:
+            first = next((b for b in spilled if b.num_rows), None)
+        return None if first is None else self._arrays.features(first.slice(0, rows))
 
     # --- to numpy and tf.data -----------------------------------------
     def to_numpy(self, batch: pa.RecordBatch) -> Any:

@@ -97,6 +97,26 @@ def latest_complete(directory: str, say: Callable[[str], None] | None = print) -
     return None
 
 
+def unnamed_weights(objects: Any) -> list[str]:
+    """The layers among `objects` (models, optimizers) holding a weight made by add_weight()
+    without a name: TensorFlow's checkpoints cannot name it, and fail with an AttributeError
+    that says nothing of the layer."""
+    found = []
+    for obj in objects:
+        for layer in getattr(obj, "_flatten_layers", lambda: [])():
+            if any(ref.name is None for ref in getattr(layer, "_self_unconditional_checkpoint_dependencies", [])):
+                found.append(f"{layer.name!r} ({type(layer).__name__})")
+    return found
+
+
+def _check_named(objects: Any) -> None:
+    unnamed = unnamed_weights(objects)
+    if unnamed:
+        raise TfosError(f"The layer {', '.join(unnamed)} makes a weight with add_weight() and no name, and TensorFlow "
+                        "cannot checkpoint a weight without one. Name it: self.add_weight(name=\"kernel\", "
+                        "shape=...).")
+
+
 class Checkpointer:
     def __init__(self, directory: str, is_chief: bool, notify: Notify | None = None,
                  max_to_keep: int = 3, failpoint: Any = None, **objects: Any) -> None:
@@ -108,6 +128,8 @@ class Checkpointer:
         # The global step at which the current epoch began (-1: not known, e.g. an older
         # checkpoint): a resume mid-epoch skips the steps the epoch had already taken.
         self.epoch_start = tf.Variable(-1, dtype=tf.int64, trainable=False, name="tfos_epoch_start")
+        _check_named(objects.values())  # a built model is checked before it trains
+        self._objects = list(objects.values())
         self.checkpoint = tf.train.Checkpoint(tfos_epoch=self.epoch, tfos_epoch_start=self.epoch_start, **objects)
         self._tmp = None if is_chief else tempfile.mkdtemp(prefix="tfos-ckpt-")
         self.manager = tf.train.CheckpointManager(
@@ -129,7 +151,11 @@ class Checkpointer:
             self.epoch_start.assign(step)
         if self._failpoint is not None:
             self._failpoint.hit("checkpoint")
-        path = self.manager.save(checkpoint_number=step)
+        try:
+            path = self.manager.save(checkpoint_number=step)
+        except AttributeError:
+            _check_named(self._objects)  # a model built in fit() is only checked here
+            raise
         if self.is_chief and self._notify is not None:
             self._notify(path, int(step), int(self.epoch.numpy()), reason)
         return path

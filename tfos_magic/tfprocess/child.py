@@ -299,7 +299,7 @@ def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup:
         model = namespace["train"](ctx)
         feed.drain()
     if isinstance(model, tf.keras.Model):
-        runner.save_model(model, ctx)
+        runner.save_model(model, ctx, plan.train_source)
     result["rows"] = feed.rows
 
 

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from ..errors import TfosError
 from ..protocol.paths import MODEL_FILE
-from . import model_inputs
+from . import model_check, model_inputs
 from .context import Throttle, TrainContext, check_finite
 
 UNBOUNDED_STEPS = 2**31 - 1
@@ -217,13 +217,15 @@ def _finish_epoch(model: Any, ctx: TrainContext, ckpt: Any, val: Any, epoch: int
     ckpt.save(step, epoch=epoch + 1, reason="epoch")
 
 
-def save_model(model: Any, ctx: TrainContext) -> None:
-    """Every worker saves (saving may run collectives); only the chief's file is kept."""
+def save_model(model: Any, ctx: TrainContext, source: str | None) -> None:
+    """Every worker saves (saving may run collectives); only the chief's file is kept, and
+    the chief checks that it loads back as the model it trained (`model_check`)."""
     ctx.failpoint.hit("final_save")
     if ctx.is_chief:
         path = ctx.checkpoint_path(MODEL_FILE)
-        model.save(path)
-        ctx.send("model", path=path, outputs=model_inputs.output_width(model))
+        model_check.saved(path, lambda: model.save(path))
+        outputs = model_check.check_loads(model, path, ctx.feed.sample(model_check.SAMPLE_ROWS), source, ctx.job)
+        ctx.send("model", path=path, outputs=outputs)
         return
     with tempfile.TemporaryDirectory(prefix="tfos-model-") as tmp:
         model.save(os.path.join(tmp, MODEL_FILE))

@@ -117,15 +117,3 @@ def explain(exc: BaseException, model: Any, spec: FeedSpec) -> InputMismatch | N
     has = f" The model has {_describe_model(inputs)}." if inputs else ""
     return InputMismatch(f"{name}: {shorten(' '.join(text.split()), 600)}.{has} The feed gives {spec.describe()}. "
                          f"{_fix(spec, inputs)}")
-
-
-def output_width(model: Any) -> int | None:
-    """Values per row of a one-output model (None for several outputs): `Job.predict`
-    declares its result column (a float, or an array) from it without loading the model."""
-    shape = getattr(model, "output_shape", None)
-    if not isinstance(shape, tuple):
-        return None
-    width = 1
-    for d in shape[1:]:
-        width *= int(d or 1)
-    return width

@@ -21,7 +21,7 @@ import tensorflow as tf
 from ..errors import TfosError
 from ..protocol.paths import CHECKPOINT_PREFIX
 from ..protocol.paths import H5_MODEL_FILE as MODEL_FILE
-from . import checkpoints, model_inputs
+from . import checkpoints, model_check, model_inputs
 from .context import Throttle, TrainContext, check_finite
 from .stopping import StopRequested
 from .keras_fit import NO_WEIGHTS, tensorboard_installed
@@ -305,14 +305,17 @@ def _evaluate(sess: Any, iterator: Any, loss: Any, each: Callable[[], None] = la
             return total / max(n, 1)
 
 
-def save_model(model: Any, ctx: PSContext) -> None:
-    """The chief writes the trained model (HDF5: graph-mode Keras cannot write .keras)."""
+def save_model(model: Any, ctx: PSContext, source: str | None) -> None:
+    """The chief writes the trained model (HDF5: graph-mode Keras cannot write .keras) and
+    checks that it loads back as the model it trained (`model_check`)."""
     ctx.failpoint.hit("final_save")
     if not ctx.is_chief:
         return
     path = ctx.checkpoint_path(MODEL_FILE)
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, MODEL_FILE)
-        model.save(local)
+        model_check.saved(path, lambda: model.save(local))
         tf.io.gfile.copy(local, path, overwrite=True)
-    ctx.send("model", path=path, outputs=model_inputs.output_width(model))
+    outputs = model_check.check_loads(model, path, ctx.feed.sample(model_check.SAMPLE_ROWS), source, ctx.job,
+                                      graph_mode=True)
+    ctx.send("model", path=path, outputs=outputs)

@@ -1,0 +1,58 @@
+"""`Job.export`: the trained model as a SavedModel that serves without Python classes.
+
+Keras' own SavedModel export re-traces every layer, and fails on models Keras saves
+and loads well (a subclassed model never called on data, weights made without a name).
+The export here is a plain `tf.Module` holding the model's variables and one traced
+`serving_default` function whose inputs are the feed's columns as training gave them:
+`tf.saved_model.load(path).signatures["serving_default"]` runs it in a process that has
+neither the train cell nor Keras' custom objects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..protocol.feed_spec import MATRIX, FeedSpec
+
+MATRIX_INPUT = "features"  # the one input of a --inputs matrix model
+
+
+def input_signature(spec: FeedSpec) -> dict[str, Any]:
+    """name -> tf.TensorSpec of what the model took in training (protocol/arrays.py)."""
+    import tensorflow as tf
+
+    if spec.inputs == MATRIX:
+        widths = [spec.width(c) for c in spec.features]
+        width = None if None in widths else sum(w or 0 for w in widths)
+        return {MATRIX_INPUT: tf.TensorSpec([None, width], tf.float32, name=MATRIX_INPUT)}
+    return {c.name: tf.TensorSpec([None] if not c.is_array else [None, spec.width(c)], tf.dtypes.as_dtype(c.dtype),
+                                  name=c.name) for c in spec.features}
+
+
+def _named_outputs(value: Any) -> dict[str, Any]:
+    """A signature returns a dict: `prediction` for one output, the model's own names for a
+    dict, `output_<i>` for a list."""
+    import tensorflow as tf
+
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, (list, tuple)):
+        return {f"output_{i}": v for i, v in enumerate(tf.nest.flatten(value))}
+    return {"prediction": value}
+
+
+def export_saved_model(model: Any, spec: FeedSpec, path: str) -> str:
+    """Write `model` to `path` (any tf.io.gfile path) with one `serving_default` signature."""
+    import tensorflow as tf
+
+    signature = input_signature(spec)
+    matrix = spec.inputs == MATRIX
+
+    def serve(inputs: dict[str, Any]) -> dict[str, Any]:
+        return _named_outputs(model(inputs[MATRIX_INPUT] if matrix else inputs, training=False))
+
+    module = tf.Module()
+    module.weights = list(model.variables)  # tracked here: the traced function reads them
+    module.serve = tf.function(serve)
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve.get_concrete_function(signature)})
+    return path
