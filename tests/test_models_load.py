@@ -195,6 +195,31 @@ def test_a_ps_job_with_a_custom_layer_loads_back(shell, tmp_path):
     np.testing.assert_allclose(served.numpy().reshape(-1), here, atol=1e-4, rtol=1e-4)
 
 
+OWN_LOOP = KINDS["layer_with_config"].replace("def build_model():\n    return dense_model(Scale(1.7))", """
+def train(ctx):
+    with ctx.strategy.scope():
+        model = dense_model(Scale(1.7))
+    for epoch in range(8):
+        for x, y in ctx.dataset():
+            model.train_on_batch(x, y)
+    return model
+""")
+
+
+@pytest.mark.slow
+def test_a_model_that_train_ctx_returns_loads_back(shell):
+    assert "def train(ctx)" in OWN_LOOP and "def build_model" not in OWN_LOOP
+    err = _train(shell, "own_loop", OWN_LOOP, workers=1)
+    job = get_job("own_loop")
+    assert err is None and job.state == "succeeded", (err, job.error)
+    df = shell.user_ns["df"]
+    ids, x = _rows(df)
+    here = job.load_model().predict(x, verbose=0).reshape(-1)
+    scored = {r["id"]: r["prediction"] for r in job.predict(df).where(f"id <= {int(ids.max())}").collect()}
+    np.testing.assert_allclose([scored[i] for i in ids], here, atol=1e-4, rtol=1e-4)
+    assert np.corrcoef(here, x @ np.array([3.0, -2.0]))[0, 1] > 0.7, "it trained"
+
+
 # Its get_config() forgets `factor`: the loaded layer scales by 1.0, not 3.0.
 FORGETS_AN_ARGUMENT = KINDS["layer_with_config"].replace(
     'return {**super().get_config(), "factor": self.factor}', "return super().get_config()").replace("1.7", "3.0")

@@ -37,10 +37,14 @@ def _as_arrays(value: Any) -> list[np.ndarray]:
 
 def _predict(model: Any, rows: Any, graph_mode: bool) -> list[np.ndarray]:
     """The model's outputs for `rows`, with no collective: under MultiWorkerMirroredStrategy
-    `predict` gathers across workers, which would wait for peers that are not predicting."""
+    `predict` gathers across workers, which would wait for peers that are not predicting.
+    In ps mode (TF1 graphs) the model is called on constants and run in Keras' session: a
+    model built by its first call during training took the dataset's iterator as its
+    input, so `predict` would refuse any other data."""
+    outputs = model(tf.nest.map_structure(tf.constant, rows), training=False)
     if graph_mode:
-        return _as_arrays(model.predict_on_batch(rows))
-    return _as_arrays(model(rows, training=False))
+        return _as_arrays(tf.compat.v1.keras.backend.get_session().run(outputs))
+    return _as_arrays(outputs)
 
 
 @contextlib.contextmanager
