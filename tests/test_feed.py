@@ -185,3 +185,67 @@ def test_gpu_env_is_the_tasks_assignment():
     assert gpu_env({"gpu": ResourceInformation("gpu", ["3", "1"])}) == {"CUDA_VISIBLE_DEVICES": "3,1"}
     assert gpu_env({}) == {}, "no assignment: the environment is left alone"
     assert gpu_env({"gpu": ResourceInformation("gpu", [])}) == {}
+
+
+def _dir(parent, name: str) -> str:
+    folder = parent / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
+
+
+def _order(feed, batch_size=250):
+    x, y, _ = _rows(feed.dataset(batch_size))
+    return x[:, 0]
+
+
+def test_shuffling_mixes_every_epoch_differently_and_loses_no_row(tmp_path):
+    """5,000 rows in order: a 1,000-row buffer mixes the stream, and each later epoch reads
+    the spill's blocks in a new order; every row comes exactly once a pass."""
+    feed = ArrowFeed(_stream(_batches()), _spec(), str(tmp_path), shuffle_rows=1000, seed=("job", 1, 0))
+    passes = [_order(feed) for _ in range(3)]
+    for order in passes:
+        np.testing.assert_array_equal(np.sort(order), np.arange(5000, dtype=np.float32))
+        assert not np.array_equal(order, np.arange(5000)), "the rows came in their stream order"
+    # The stream is mixed within the buffer; the spill's blocks across the whole pass: the
+    # first fifth of a later epoch holds rows from the last fifths.
+    assert passes[0][:500].max() > 500
+    assert all(order[:1000].max() > 3000 for order in passes[1:])
+    assert not np.array_equal(passes[1], passes[2]), "each epoch takes a new order"
+    # The same job, run, worker and epoch give the same order (a resumed run skips the right rows).
+    again = ArrowFeed(_stream(_batches()), _spec(), _dir(tmp_path, "again"), shuffle_rows=1000, seed=("job", 1, 0))
+    np.testing.assert_array_equal(_order(again), passes[0])
+    other = ArrowFeed(_stream(_batches()), _spec(), _dir(tmp_path, "other"), shuffle_rows=1000, seed=("job", 1, 1))
+    assert not np.array_equal(_order(other), passes[0]), "each worker has its own order"
+
+
+def test_shuffle_zero_keeps_the_order_and_the_epoch_picks_the_order(tmp_path):
+    plain = ArrowFeed(_stream(_batches()), _spec(), _dir(tmp_path, "plain"))
+    for _ in range(2):
+        np.testing.assert_array_equal(_order(plain), np.arange(5000, dtype=np.float32))
+    # The training loop names the epoch: the same epoch, the same order, on any pass.
+    assert np.array_equal(_order_at(tmp_path / "a", epoch=3), _order_at(tmp_path / "b", epoch=3))
+    assert not np.array_equal(_order_at(tmp_path / "c", epoch=3), _order_at(tmp_path / "d", epoch=4))
+
+
+def _order_at(folder, epoch):
+    """Epoch `epoch`'s order read from the spill (the stream already read to its end)."""
+    feed = ArrowFeed(_stream(_batches()), _spec(), _dir(folder, ""), shuffle_rows=1000, seed=("j", 1, 0))
+    feed.drain()
+    feed.epoch = epoch
+    return _order(feed)
+
+
+def test_class_weights_and_a_weight_column_reach_fit_as_sample_weights(tmp_path):
+    batch = pa.RecordBatch.from_pydict({"a": pa.array(np.arange(6, dtype=np.float32)),
+                                        "y": pa.array(np.array([0, 1, 0, 1, 2, 1], np.int64)),
+                                        "w": pa.array(np.array([1, 1, 2, 2, 1, 1], np.float32))})
+    spec = FeedSpec([ColumnSpec("a", "float32")], ColumnSpec("y", "int64"), "matrix")
+    feed = ArrowFeed(_stream([batch]), spec, _dir(tmp_path, "cw"), class_weight={0: 1.0, 1: 5.0})
+    _, y, w = next(iter(feed.dataset(6)))
+    np.testing.assert_allclose(w.numpy(), [1, 5, 1, 5, 1, 5])  # class 2 is not named: weight 1
+    spec.weight = ColumnSpec("w", "float32")
+    feed = ArrowFeed(_stream([batch]), spec, _dir(tmp_path, "both"), class_weight={0: 1.0, 1: 5.0})
+    _, y, w = next(iter(feed.dataset(6)))
+    np.testing.assert_allclose(w.numpy(), [1, 5, 2, 10, 1, 5])
+    # Validation rows keep their own weights only, as Keras' class_weight leaves them.
+    assert len(feed.element_spec("validation")) == 3 and len(feed.element_spec()) == 3

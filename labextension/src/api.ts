@@ -40,6 +40,8 @@ export interface IJobSummary {
   started: number | null;
   updated: number | null;
   error: string | null;
+  /** A callback of the cell ended training before --epochs: at which epoch, and why. */
+  stopped_early?: string | null;
 }
 
 export interface ICheckpoint {

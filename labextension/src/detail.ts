@@ -45,6 +45,7 @@ const CHANGES_RECORD = new Set([
   'checkpoint',
   'stopping',
   'model',
+  'stopped_early',
   'error',
   'finished'
 ]);
@@ -76,6 +77,8 @@ export function describeEvent(event: IJobEvent): string {
       return `${who}: stopping${step}`;
     case 'model':
       return `${who}: model saved to ${String(event.path ?? '?')}`;
+    case 'stopped_early':
+      return `${who}: stopped early after epoch ${String(event.epoch ?? '?')}: ${String(event.reason ?? '')}`;
     case 'log':
       return `${who}: ${String(event.text ?? '')}`;
     case 'error':
@@ -299,7 +302,7 @@ export class JobDetailView extends Widget {
       return;
     }
     fill(this._summary, [job.state, job.epoch, job.epochs, job.step, job.loss, job.rows_per_s,
-      job.gpu_util, job.started, job.updated], () => this._summaryContent(job));
+      job.gpu_util, job.started, job.updated, job.stopped_early], () => this._summaryContent(job));
     fill(this._error, [job.error, job.error_details], () => this._errorContent(job));
     const points = this._series.points;
     fill(this._chart, [points.length, points[0], points[points.length - 1]], () => [
@@ -379,7 +382,8 @@ export class JobDetailView extends Widget {
       ' · updated ',
       timeText(updated)
     );
-    return [progressBar(job), el('p', 'tfos-JobDetail-facts', facts.join(' · ')), when];
+    const early = job.stopped_early ? [el('p', 'tfos-JobDetail-note', job.stopped_early)] : [];
+    return [progressBar(job), el('p', 'tfos-JobDetail-facts', facts.join(' · ')), ...early, when];
   }
 
   private _errorContent(job: IJobDetail): Node[] {

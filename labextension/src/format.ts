@@ -82,10 +82,13 @@ export function progress(job: IJobSummary): { fraction: number; label: string } 
   if (!job.epochs) {
     return { fraction: job.state === 'succeeded' ? 1 : 0, label: step };
   }
-  // A job that succeeded did all its epochs, even one whose last epoch event is missing.
-  const done = job.state === 'succeeded' ? job.epochs : Math.min(job.epoch || 0, job.epochs);
+  // A job that succeeded did all its epochs, even one whose last epoch event is missing,
+  // unless a callback of its cell stopped it early: then it is done at the epoch it reached.
+  const succeeded = job.state === 'succeeded';
+  const done =
+    succeeded && !job.stopped_early ? job.epochs : Math.min(job.epoch || 0, job.epochs);
   return {
-    fraction: Math.max(0, done / job.epochs),
+    fraction: succeeded ? 1 : Math.max(0, done / job.epochs),
     label: `${done}/${job.epochs} epochs · ${step}`
   };
 }

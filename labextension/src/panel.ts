@@ -245,6 +245,9 @@ export class JobsPanel extends SidePanel {
       progressBar(job),
       stats
     );
+    if (job.stopped_early) {
+      row.append(el('div', 'tfos-JobRow-note', job.stopped_early));
+    }
     if (job.error) {
       row.append(el('div', 'tfos-JobRow-error', job.error));
     }

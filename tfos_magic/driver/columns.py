@@ -44,6 +44,19 @@ def _column_spec(name: str, dt: T.DataType, role: str) -> ColumnSpec:
     )
 
 
+def _weight_spec(name: str, fields: dict[str, T.DataType], label: str | None) -> ColumnSpec:
+    """--sample-weight: one numeric column, fed as float32 beside the label."""
+    if label is None:
+        raise TfosError("--sample-weight weighs each row's loss, so it needs a label: pass --label COLUMN too.")
+    if name not in fields:
+        raise TfosError(f"The --sample-weight column {name!r} is not in the job's DataFrame (columns: "
+                        f"{', '.join(fields)}). Add it in the %%spark_etl cell.")
+    if not isinstance(fields[name], _INTEGRAL + _FRACTIONAL):
+        raise TfosError(f"The --sample-weight column {name!r} has type {fields[name].simpleString()}; it must be a "
+                        "number per row (cast it in the %%spark_etl cell).")
+    return ColumnSpec(name, "float32")
+
+
 def auto_inputs(features: list[ColumnSpec]) -> str:
     """One matrix when every feature is floating point (scalars, fixed-length float arrays and
     ML vectors, concatenated in column order): the shape of VectorAssembler output and of
@@ -74,6 +87,7 @@ def prepare(
     fillna: float | None = None,
     require_label: bool,
     validation: DataFrame | None = None,
+    weight: str | None = None,
 ) -> tuple[DataFrame, FeedSpec]:
     """Select, check and cast the columns; return the frame to stream and its FeedSpec."""
     fields = {f.name: f.dataType for f in df.schema.fields}
@@ -87,7 +101,8 @@ def prepare(
             "build_model() training needs a label column: pass --label COLUMN to %%tf_train "
             f"(columns: {', '.join(fields)})."
         )
-    names = features or [n for n in fields if n != label]
+    weight_spec = _weight_spec(weight, fields, label) if weight else None
+    names = features or [n for n in fields if n not in (label, weight)]
     missing = [n for n in names if n not in fields]
     if missing:
         raise TfosError(
@@ -104,7 +119,7 @@ def prepare(
     if mode == MATRIX:
         for c in feature_specs:
             c.dtype = "float32"
-    spec = FeedSpec(feature_specs, label_spec, mode, has_validation=validation is not None)
+    spec = FeedSpec(feature_specs, label_spec, mode, has_validation=validation is not None, weight=weight_spec)
 
     def select(frame: DataFrame, split: int | None) -> DataFrame:
         frame_fields = {f.name: f.dataType for f in frame.schema.fields}
@@ -115,8 +130,7 @@ def prepare(
                 "same feature and label columns as the training DataFrame."
             )
         cols = [cast_column(c, frame_fields[c.name]) for c in feature_specs]
-        if label_spec:
-            cols.append(cast_column(label_spec, frame_fields[label_spec.name]))
+        cols += [cast_column(c, frame_fields[c.name]) for c in (label_spec, weight_spec) if c]
         if split is not None:
             cols.append(F.lit(split).cast(T.ByteType()).alias(SPLIT_COLUMN))
         out = frame.select(*cols)

@@ -22,7 +22,7 @@ from pyspark.sql import DataFrame
 
 from ..errors import JobFailed, TfosError
 from ..job import JobSpec, JobStore, RunOrigin, TrainOptions
-from ..protocol.cells import check_train_source
+from ..protocol.cells import check_train_source, fit_hooks
 from ..protocol.plan import RegistryPlan, TaskPlan
 from ..task.feeder import RESULT_DDL, make_ps_task, make_task
 from .channel import DriverChannel
@@ -75,14 +75,20 @@ def refuse_if_running(store: JobStore, name: str) -> None:
                         "to train something else at the same time, give it another job name.")
 
 
-def _check_strategy(opts: TrainOptions) -> int:
-    """Tasks the job needs at once."""
+def _check_strategy(opts: TrainOptions, hooks: list[str] = ()) -> int:
+    """Tasks the job needs at once. `hooks`: the cell's functions for Keras' fit."""
     if opts.strategy == "allreduce":
         return opts.workers
     if opts.strategy != "ps":
         raise TfosError(f"--strategy must be allreduce or ps, not {opts.strategy!r}.")
     if opts.ps < 1:
         raise TfosError("--strategy ps needs at least one parameter server: pass --ps 1 (or more).")
+    fit_only = [f"{h}()" for h in hooks] + [flag for flag, value in (
+        ("--sample-weight", opts.sample_weight), ("--class-weight", opts.class_weight)) if value]
+    if fit_only:
+        raise TfosError(f"{' and '.join(fit_only)} cannot be used with --strategy ps: its workers train in a TF1 "
+                        "graph loop of their own, not in Keras' fit, so Keras callbacks and weights cannot take "
+                        "part. Use --strategy allreduce (the default) for them.")
     return opts.workers + opts.ps
 
 
@@ -193,14 +199,15 @@ def _plan(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Data
     opts, name, sc = spec.options, spec.name, spark.sparkContext
     backend = backend_for(spark)
     entry = check_train_source(spec.train_source or "", name)
-    _check_strategy(opts)
+    _check_strategy(opts, fit_hooks(spec.train_source or "", name) if entry == "build_model" else [])
     check_dynamic_allocation(sc)
     profile = _worker_profile(backend, opts.gpus_per_worker, observers)
     ps = opts.ps if opts.strategy == "ps" else 0
     check_slots(backend, opts.workers, f"--workers {opts.workers}" + (f" plus --ps {ps}" if ps else ""),
                 profile, gpus=opts.gpus_per_worker, others=ps)
     frame, feed = prepare(df, label=opts.label, features=opts.features, inputs=opts.inputs,
-                          fillna=opts.fillna, require_label=entry == "build_model", validation=validation)
+                          fillna=opts.fillna, require_label=entry == "build_model", validation=validation,
+                          weight=opts.sample_weight)
     frame = backend.feed_frame(frame, opts.workers)
     checkpoint_dir = checkpoint_dir_for(opts.checkpoint_dir, store, name)
     check_writable(checkpoint_dir)

@@ -26,8 +26,7 @@ def trained_feed(state: dict[str, Any], options: Any, df: DataFrame) -> FeedSpec
         names = options.features or [c for c in df.columns if c != options.label]
         _, spec = prepare(df, label=None, features=names, inputs=options.inputs, fillna=options.fillna,
                           require_label=False)
-    spec.label, spec.has_validation = None, False
-    return spec
+    return spec.inputs_only()
 
 
 def predict(df: DataFrame, model: ModelRef, spec: FeedSpec, output_col: str, outputs: int,

@@ -61,6 +61,15 @@ def short_text(value: Any) -> str | None:
     return value if isinstance(value, str) and len(value) <= TEXT_CHARS else None
 
 
+def stopped_early_text(e: dict[str, Any]) -> str | None:
+    """The chief's `stopped_early` event in words: at which epoch, of how many, and why."""
+    epoch, epochs = integer(e.get("epoch")), integer(e.get("epochs"))
+    if epoch is None:
+        return None
+    return f"Stopped early at epoch {epoch}" + (f" of {epochs}" if epochs else "") + \
+        (f": {short_text(e.get('reason'))}" if short_text(e.get("reason")) else "")
+
+
 def _metrics(event: dict[str, Any]) -> dict[str, Any]:
     """The event's `metrics`, or {} when it is not an object."""
     metrics = event.get("metrics")
@@ -114,6 +123,7 @@ class JobDigest:
     loss_series: Series = field(default_factory=Series)  # (step, loss) of the chief's steps
     checkpoints: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=CHECKPOINTS_KEPT))
     models: deque[str] = field(default_factory=lambda: deque(maxlen=MODELS_KEPT))  # saved final models
+    stopped_early: str | None = None  # a callback of the cell ended training before --epochs, and why
     _epochs: dict[int, dict[str, Any]] = field(default_factory=dict)
     # Where this digest has read metrics.jsonl to (JobStore.reading_events' inode and offset).
     inode: int = 0
@@ -152,6 +162,10 @@ class JobDigest:
             self.models.append(e["path"])
         elif kind == "gpu":
             self._gpu(e.get("devices"))
+        elif kind == "training" and e.get("worker", 0) == 0:
+            self.stopped_early = None  # a new run, or a resumed one, trains on
+        elif kind == "stopped_early" and e.get("worker", 0) == 0:
+            self.stopped_early = stopped_early_text(e)
 
     def _progress(self, kind: str, e: dict[str, Any]) -> None:
         """A chief's step or epoch: the last step, loss and rate; a step's loss joins the

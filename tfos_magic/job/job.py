@@ -151,6 +151,4 @@ class Job:
         if not feed:
             raise TfosError(f"Job {self.name!r} has no recorded feed to export a serving signature for; run it "
                             "again with this version of tfos-magic.")
-        spec = FeedSpec.from_dict(feed)
-        spec.label, spec.has_validation = None, False
-        return export_saved_model(self.load_model(compile=False), spec, path)
+        return export_saved_model(self.load_model(compile=False), FeedSpec.from_dict(feed).inputs_only(), path)

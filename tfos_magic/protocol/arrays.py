@@ -56,8 +56,10 @@ class BatchArrays:
         return out
 
     def to_numpy(self, batch: pa.RecordBatch) -> Any:
-        """Features, or (features, label) when the spec has a label: what tf.data yields."""
+        """Features, or (features, label) when the spec has a label, and (features, label,
+        weight) with a weight column: what tf.data yields, as Keras' fit takes it."""
         x = self.features(batch)
         if self.spec.label is None:
             return x
-        return x, self.column(batch, self.spec.label)
+        y = self.column(batch, self.spec.label)
+        return (x, y) if self.spec.weight is None else (x, y, self.column(batch, self.spec.weight))

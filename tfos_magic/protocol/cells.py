@@ -62,6 +62,15 @@ def check_train_source(source: str, job: str) -> str:
     )
 
 
+FIT_HOOKS = ("callbacks", "fit_options")  # functions of the cell that Keras' fit takes part of
+
+
+def fit_hooks(source: str, job: str) -> list[str]:
+    """Which of FIT_HOOKS the cell defines at its top level."""
+    names = _top_level_names(parse(source, job))
+    return [h for h in FIT_HOOKS if h in names]
+
+
 def run_cell(source: str, job: str, namespace: dict[str, Any], kind: str = "tf_train") -> Any:
     """Execute a cell in `namespace`, returning its last expression's value (as IPython does).
 

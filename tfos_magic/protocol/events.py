@@ -11,7 +11,8 @@ import time
 from typing import Any
 
 EVENT_VERSION = 1
-KINDS = ("task", "started", "training", "step", "epoch", "checkpoint", "model", "log", "error", "finished", "gpu", "stopping")
+KINDS = ("task", "started", "training", "step", "epoch", "checkpoint", "model", "log", "error", "finished", "gpu", "stopping",
+         "stopped_early")
 
 
 def _plain(value: Any) -> Any:

@@ -8,6 +8,7 @@ JSON on the wire and imports neither Spark nor TensorFlow.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ class FeedSpec:
     inputs: str  # MATRIX (one float32 tensor) or DICT (name -> tensor)
     has_validation: bool = False
     array_lengths: dict[str, int] = field(default_factory=dict)
+    weight: ColumnSpec | None = None  # --sample-weight: a float32 weight per row for the loss
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,12 +52,17 @@ class FeedSpec:
             inputs=d["inputs"],
             has_validation=d.get("has_validation", False),
             array_lengths=dict(d.get("array_lengths") or {}),
+            weight=ColumnSpec(**d["weight"]) if d.get("weight") else None,
         )
+
+    def inputs_only(self) -> "FeedSpec":
+        """The same features without label, weight or validation: what a trained model takes."""
+        return dataclasses.replace(self, label=None, weight=None, has_validation=False)
 
     @property
     def columns(self) -> list[str]:
         names = [c.name for c in self.features]
-        return names + ([self.label.name] if self.label else [])
+        return names + ([self.label.name] if self.label else []) + ([self.weight.name] if self.weight else [])
 
     def width(self, c: ColumnSpec) -> int | None:
         """Values per row of a column: 1 for a scalar, the array length (None while unknown)."""

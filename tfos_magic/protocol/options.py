@@ -29,6 +29,20 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _class_weights(text: str) -> dict[int, float]:
+    """`0:1,1:20` -> {0: 1.0, 1: 20.0}."""
+    weights = {}
+    for item in _csv(text):
+        cls, sep, weight = item.partition(":")
+        try:
+            weights[int(cls)] = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--class-weight takes CLASS:WEIGHT pairs such as 0:1,1:20, not {item!r}")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--class-weight takes CLASS:WEIGHT pairs such as 0:1,1:20, not {item!r}")
+    return weights
+
+
 @dataclass
 class TrainOptions:
     """Options of a `%%tf_train` cell; defaults are what a new user should get."""
@@ -40,7 +54,7 @@ class TrainOptions:
     batch_size: int = option(128, "rows per step on each worker", type=int, metavar="N", minimum=1)
     label: str | None = option(None, "label column (required by `build_model`)", metavar="COL")
     features: list[str] | None = option(None, "feature columns", type=_csv, metavar="a,b",
-                                        shown_default="all but the label")
+                                        shown_default="all but the label and weight")
     inputs: str = option("auto", "one float32 matrix, or a dict of named tensors; auto picks the matrix when "
                          "every feature is floating point (scalars, float arrays, ML vectors, side by side in "
                          "column order) and the dict when an integer column is among them",
@@ -53,6 +67,14 @@ class TrainOptions:
     checkpoint_every_steps: int = option(0, "also checkpoint every N global steps (always every epoch); "
                                          "a failure loses at most this many steps", type=int, metavar="N",
                                          env="TFOS_CHECKPOINT_EVERY_STEPS", minimum=0)
+    shuffle: int = option(65536, "rows each worker's feed mixes at a time; every later epoch also reads the "
+                          "spilled rows in a new order of 1,024-row blocks; seeded by job, run, worker and epoch; "
+                          "0 keeps the DataFrame's order", type=int, metavar="ROWS", env="TFOS_SHUFFLE", minimum=0)
+    sample_weight: str | None = option(None, "a numeric column of per-row weights for the loss and metrics "
+                                       "(Keras' sample_weight); streamed with the features", metavar="COL")
+    class_weight: dict[int, float] | None = option(None, "weights of the label's classes in the loss, as Keras' "
+                                                   "class_weight (also from fit_options() in the cell)",
+                                                   type=_class_weights, metavar="0:1,1:20")
     restart: bool = option(False, "delete earlier checkpoints and metrics, start at step 0", type=bool)
     fillna: float | None = option(None, "replace nulls in scalar feature columns", type=float, metavar="VALUE")
     strategy: str = option("allreduce", "`MultiWorkerMirroredStrategy`, or variables on parameter servers",
@@ -90,7 +112,10 @@ class TrainOptions:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainOptions":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if values.get("class_weight"):  # JSON keys are strings
+            values["class_weight"] = {int(k): float(v) for k, v in values["class_weight"].items()}
+        return cls(**values)
 
     def check(self) -> "TrainOptions":
         """Refuse values no run can use, naming the flag; returns self."""

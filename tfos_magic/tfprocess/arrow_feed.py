@@ -14,18 +14,26 @@ import os
 import threading
 from typing import Any, BinaryIO, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..protocol.arrays import BatchArrays
 from ..protocol.feed_spec import MATRIX, SPLIT_COLUMN, ColumnSpec, FeedError, FeedSpec, array_lengths
+from .shuffle import SPILL_BLOCK_ROWS, rng_for, shuffled
 
 
 class ArrowFeed:
     """Turns one worker's Arrow IPC stream into re-iterable tf.data datasets."""
 
-    def __init__(self, source: BinaryIO, spec: FeedSpec, spill_dir: str) -> None:
+    def __init__(self, source: BinaryIO, spec: FeedSpec, spill_dir: str, shuffle_rows: int = 0,
+                 seed: tuple[str, int, int] = ("", 0, 0), class_weight: dict[int, float] | None = None) -> None:
         self.spec = spec
+        self.class_weight = class_weight  # label class -> weight, on training rows only (as Keras)
+        self.shuffle_rows = shuffle_rows  # 0: rows in the stream's order, every epoch
+        self._seed = seed  # (job, run, worker): with the epoch, which order a pass takes
+        self.epoch: int | None = None  # set by the training loop; else passes are counted
+        self._passes = 0
         self._source = source
         self._reader: pa.ipc.RecordBatchStreamReader | None = None
         self._lock = threading.Lock()
@@ -43,9 +51,13 @@ class ArrowFeed:
     # --- reading the stream -------------------------------------------
     def _write_spill(self, split: str, batch: pa.RecordBatch) -> None:
         writer = self._writers.get(split)
-        if writer is None:
-            writer = self._writers[split] = pa.ipc.new_stream(self._spill_paths[split], batch.schema)
-        writer.write_batch(batch)
+        if writer is None:  # a file, not a stream: later passes read its blocks in any order
+            writer = self._writers[split] = pa.ipc.new_file(self._spill_paths[split], batch.schema)
+        # Shuffled, the spill is read back in blocks of SPILL_BLOCK_ROWS in a new order each
+        # epoch; in order, in the stream's own (larger, so cheaper) batches.
+        block = SPILL_BLOCK_ROWS if self.shuffle_rows and split == "train" else batch.num_rows or 1
+        for at in range(0, batch.num_rows, block):
+            writer.write_batch(batch.slice(at, block))
         self.rows[split] += batch.num_rows
 
     def _read_one(self) -> pa.RecordBatch | None:
@@ -79,11 +91,11 @@ class ArrowFeed:
         return batch
 
     def _check(self, batch: pa.RecordBatch) -> None:
-        for c in self.spec.features + ([self.spec.label] if self.spec.label else []):
+        for c in self.spec.features + [c for c in (self.spec.label, self.spec.weight) if c]:
             col = batch.column(c.name)
             nulls = col.null_count + (col.flatten().null_count if c.is_array else 0)
             if nulls:
-                role = "label" if c is self.spec.label else "feature"
+                role = "label" if c is self.spec.label else "weight" if c is self.spec.weight else "feature"
                 fix = "" if role == "label" else " or pass --fillna VALUE to %%tf_train"
                 raise FeedError(
                     f"The {role} column {c.name!r} has null values (found {nulls} in one batch). "
@@ -102,28 +114,43 @@ class ArrowFeed:
             while self._read_one() is not None:
                 pass
 
-    def _spilled(self, split: str) -> Iterator[pa.RecordBatch]:
+    def _spilled(self, split: str, rng: np.random.Generator | None = None) -> Iterator[pa.RecordBatch]:
+        """The spill's blocks, memory-mapped: in order, or in `rng`'s order."""
         path = self._spill_paths[split]
         if not os.path.exists(path):
             return
         with pa.memory_map(path) as source:
-            yield from pa.ipc.open_stream(source)
+            reader = pa.ipc.open_file(source)
+            order = range(reader.num_record_batches) if rng is None else rng.permutation(reader.num_record_batches)
+            for i in order:
+                yield reader.get_batch(int(i))
+
+    def _streamed(self) -> Iterator[pa.RecordBatch]:
+        while True:
+            with self._lock:
+                batch = self._read_one()
+            if batch is None:
+                return
+            if batch.num_rows:
+                yield batch
 
     def batches(self, split: str = "train") -> Iterator[pa.RecordBatch]:
-        """One pass: the live stream the first time, the local spill afterwards."""
+        """One pass: the live stream the first time, the local spill afterwards. Training
+        passes are shuffled (--shuffle): the stream through a buffer, the spill's blocks in
+        a new order and through the buffer, seeded by the job, run, worker and epoch."""
         untouched = self._reader is None and not self._done
+        rng = None
+        if split == "train":
+            epoch = self.epoch if self.epoch is not None else self._passes
+            self._passes += 1
+            rng = rng_for(*self._seed, epoch) if self.shuffle_rows else None
         if split == "train" and untouched and not self._first_pass_taken:
             self._first_pass_taken = True
-            while True:
-                with self._lock:
-                    batch = self._read_one()
-                if batch is None:
-                    return
-                if batch.num_rows:
-                    yield batch
+            source = self._streamed()
         else:
             self.drain()
-            yield from self._spilled(split)
+            source = self._spilled(split, rng)
+        yield from (source if rng is None else shuffled(source, self.shuffle_rows, rng))
 
     def sample(self, rows: int) -> Any:
         """The features of this worker's first `rows` training rows (None if it had none):
@@ -138,7 +165,8 @@ class ArrowFeed:
         """Tensors' worth of numpy arrays that own their (writable) memory, for tf.data."""
         return self._arrays.to_numpy(batch)
 
-    def element_spec(self) -> Any:
+    def element_spec(self, split: str = "train") -> Any:
+        """What one element of `dataset(split)` is: x, (x, y) or (x, y, weight)."""
         import tensorflow as tf
 
         def spec_of(c: ColumnSpec) -> "tf.TensorSpec":
@@ -150,9 +178,32 @@ class ArrowFeed:
             x: Any = tf.TensorSpec((None, width), tf.float32)
         else:
             x = {c.name: spec_of(c) for c in self.spec.features}
-        return x if self.spec.label is None else (x, spec_of(self.spec.label))
+        if self.spec.label is None:
+            return x
+        y = spec_of(self.spec.label)
+        if self.spec.weight is not None:
+            return x, y, spec_of(self.spec.weight)
+        if self.class_weight and split == "train":
+            return x, y, tf.TensorSpec((None,), tf.float32)
+        return x, y
 
-    def skip_next_pass(self, rows: int) -> None:
+    def _generated_spec(self, split: str) -> Any:
+        """What the generator yields: the element without the class weights, added in tf.data."""
+        return self.element_spec("validation" if self.spec.weight is None else split)
+
+    def _weigh_classes(self, x: Any, y: Any, weight: Any = None) -> Any:
+        """Each training row's weight times its class's, as Keras' `class_weight` does: the
+        class is the label (an integer, or a float 0/1), or the argmax of a one-hot label;
+        a class not named weighs 1."""
+        import tensorflow as tf
+
+        top = max(self.class_weight)
+        table = tf.constant([self.class_weight.get(i, 1.0) for i in range(top + 1)] + [1.0], tf.float32)
+        cls = tf.argmax(y, axis=-1) if y.shape.rank == 2 and (y.shape[-1] or 1) > 1 else tf.reshape(y, [-1])
+        cls = tf.cast(cls, tf.int64)
+        cls = tf.where((cls < 0) | (cls > top), tf.constant(top + 1, tf.int64), cls)
+        weights = tf.gather(table, cls)
+        return x, y, weights if weight is None else weight * weights
         """Leave out the first `rows` training rows of the next pass only: a run resumed
         from a checkpoint taken mid-epoch goes on where the epoch was, instead of training
         on those rows twice (and taking more steps than an unbroken run)."""
@@ -196,8 +247,11 @@ class ArrowFeed:
             if split == "train":
                 self.last_pass_rows = delivered
 
-        ds = tf.data.Dataset.from_generator(generate, output_signature=self.element_spec())
-        ds = ds.rebatch(batch_size).prefetch(tf.data.AUTOTUNE)
+        ds = tf.data.Dataset.from_generator(generate, output_signature=self._generated_spec(split))
+        ds = ds.rebatch(batch_size)
+        if self.class_weight and split == "train" and self.spec.label is not None:
+            ds = ds.map(self._weigh_classes, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.prefetch(tf.data.AUTOTUNE)
         options = tf.data.Options()
         # Each worker already holds only its own partition: never shard it again.
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF

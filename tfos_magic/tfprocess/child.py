@@ -274,7 +274,8 @@ def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup:
     if not ps_mode:
         _watch_peers(config, channel)
         strategy = allreduce_strategy(tf, config.num_workers)
-    feed = ArrowFeed(sys.stdin.buffer, plan.feed, config.workdir)
+    feed = ArrowFeed(sys.stdin.buffer, plan.feed, config.workdir, shuffle_rows=opts.shuffle,
+                     seed=(plan.job, plan.run, config.index), class_weight=_class_weight(namespace, opts))
     ctx = (ps_train.PSContext if ps_mode else TrainContext)(
         job=plan.job, strategy=strategy, feed=feed, worker_index=config.index, num_workers=config.num_workers,
         checkpoint_dir=plan.checkpoint_dir, options=opts, channel=channel, log_dir=plan.log_dir, stop=stop,
@@ -294,13 +295,29 @@ def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup:
             checkpoints.clear(ctx.checkpoint_dir)
     runner = ps_train if ps_mode else keras_fit
     if "build_model" in namespace:
-        model = runner.fit(namespace["build_model"], ctx, restart=restart)
+        model = (ps_train.fit(namespace["build_model"], ctx, restart=restart) if ps_mode else
+                 keras_fit.fit(namespace["build_model"], ctx, restart=restart, make_callbacks=namespace.get("callbacks")))
     else:
         model = namespace["train"](ctx)
         feed.drain()
     if isinstance(model, tf.keras.Model):
         runner.save_model(model, ctx, plan.train_source)
     result["rows"] = feed.rows
+
+
+FIT_OPTIONS = ("class_weight",)
+
+
+def _class_weight(namespace: dict[str, Any], opts: Any) -> dict[int, float] | None:
+    """The cell's `fit_options()["class_weight"]`, else --class-weight."""
+    from ..errors import TfosError
+
+    made = namespace["fit_options"]() if callable(namespace.get("fit_options")) else {}
+    if not isinstance(made, dict) or set(made) - set(FIT_OPTIONS):
+        raise TfosError(f"fit_options() must return a dict with the keys {', '.join(FIT_OPTIONS)}; it returned "
+                        f"{made!r}. Sample weights come from a column: --sample-weight COL.")
+    weights = made.get("class_weight") or opts.class_weight
+    return {int(k): float(v) for k, v in weights.items()} if weights else None
 
 
 def main(argv: list[str]) -> int:

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from ..errors import TfosError
 from ..protocol.paths import MODEL_FILE
-from . import model_check, model_inputs
+from . import model_check, model_inputs, user_callbacks
 from .context import Throttle, TrainContext, check_finite
 
 UNBOUNDED_STEPS = 2**31 - 1
@@ -33,8 +33,9 @@ class TfosCallback(tf.keras.callbacks.Callback):
     each multiple of --checkpoint-every-steps (the same step on every worker).
     """
 
-    def __init__(self, ctx: TrainContext, ckpt, every_steps: int) -> None:
+    def __init__(self, ctx: TrainContext, ckpt, every_steps: int, report_lr: bool = False) -> None:
         super().__init__()
+        self.report_lr = report_lr  # the cell's callbacks may change it: each epoch's row says what it was
         self._supports_tf_logs = True
         self.ctx = ctx
         self.ckpt = ckpt
@@ -84,8 +85,18 @@ class TfosCallback(tf.keras.callbacks.Callback):
         metrics = {k: _python(v) for k, v in (logs or {}).items()}
         check_finite(metrics.get("loss"), step, self.ctx.worker_index, self.ctx.checkpoint_dir)
         metrics["rows_per_s"] = (self.ctx.feed.rows_delivered - self._rows0) / elapsed
+        if self.report_lr:
+            metrics["lr"] = _learning_rate(self.model.optimizer)
         self.ctx.report(step=step, epoch=epoch + 1, **metrics)
         self.ckpt.save(step, epoch=epoch + 1, reason="epoch")
+
+
+def _learning_rate(optimizer: Any) -> float | None:
+    """The optimizer's learning rate now (None for a schedule, which has no one value)."""
+    try:
+        return float(tf.keras.backend.get_value(optimizer.learning_rate))
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 def _python(value: Any) -> Any:
@@ -103,7 +114,9 @@ def tensorboard_installed() -> bool:
     return True
 
 
-def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool) -> Any:
+def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool,
+        make_callbacks: Callable[[], Any] | None = None) -> Any:
+    """Train with Keras' `fit`, one epoch a call; `make_callbacks` is the cell's `callbacks()`."""
     with ctx.strategy.scope():
         model = build_model()
         if not isinstance(model, tf.keras.Model):
@@ -125,7 +138,11 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool) -> Any
     data = ctx.distributed_dataset()
     padded = None  # later passes: a fixed number of steps, agreed once per epoch
     val = ctx.distributed_dataset(split="validation") if ctx.feed.spec.has_validation else None
-    callbacks: list[Any] = [TfosCallback(ctx, ckpt, ctx.options.checkpoint_every_steps)]
+    # The cell's callbacks come first, so that what they change at an epoch's end (the
+    # learning rate, a stop) is in that epoch's row and checkpoint.
+    mine = user_callbacks.build(make_callbacks)
+    callbacks: list[Any] = [*mine, TfosCallback(ctx, ckpt, ctx.options.checkpoint_every_steps,
+                                                report_lr=bool(mine))]
     if ctx.is_chief and ctx.log_dir and tensorboard_installed():
         # For `%tensorboard --logdir`; the chief only, and no profiling.
         callbacks.append(tf.keras.callbacks.TensorBoard(ctx.log_dir, update_freq=TENSORBOARD_EVERY_STEPS,
@@ -149,6 +166,7 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool) -> Any
         # embeddings unless every batch of the pass is full.
         several = ctx.num_workers == 1 or (steps is not None and (full or not sparse))
         _use_steps_per_execution(model, per_execution, user_k if several else 1)
+        ctx.feed.epoch = epoch  # which shuffled order this pass takes
         try:
             model.fit(data if steps is None else padded, epochs=epoch + 1, initial_epoch=epoch,
                       steps_per_epoch=steps or UNBOUNDED_STEPS,
@@ -163,6 +181,18 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool) -> Any
             if explained is None:
                 raise
             raise explained from exc
+        # The callbacks saw the same job-level logs on every worker; the workers still agree
+        # the stop, so that none goes on alone into a collective the others never join.
+        if mine and epoch + 1 < ctx.epochs and max(every_worker(ctx, int(bool(model.stop_training)))):
+            why = user_callbacks.stopped_by(mine) or "another worker's callback stopped training"
+            ctx.send("stopped_early", epoch=epoch + 1, epochs=ctx.epochs, reason=why)
+            break
+    for callback in mine:
+        callback.finish()
+    if any(callback.restores_weights for callback in mine):
+        # EarlyStopping(restore_best_weights=True) put the best epoch's weights back at the
+        # end: the latest checkpoint holds them too, as the saved model will.
+        ckpt.save(int(model.optimizer.iterations.numpy()), reason="best")
     ctx.feed.drain()  # e.g. already trained to --epochs: let the Spark task finish its partition
     return model
 
@@ -180,6 +210,14 @@ def _use_steps_per_execution(model: Any, var: Any, n: int) -> None:
         model.train_function = None  # rebuilt by the next fit: one step a call, or several
 
 
+def every_worker(ctx: TrainContext, mine: int) -> list[int]:
+    """Each worker's (and local replica's) `mine`, on every worker: one small all-gather."""
+    if ctx.num_workers > 1 or ctx.strategy.num_replicas_in_sync > 1:
+        return [int(v) for v in ctx.strategy.gather(ctx.strategy.run(lambda: tf.constant([mine], tf.int64)),
+                                                     axis=0).numpy()]
+    return [mine]
+
+
 def agreed_steps(ctx: TrainContext) -> tuple[int | None, bool]:
     """The steps of this epoch, agreed by all workers in one all-gather (None while any
     worker still streams its partition from Spark: its row count is not known yet), and
@@ -195,11 +233,7 @@ def agreed_steps(ctx: TrainContext) -> tuple[int | None, bool]:
     one step more: TF's agreement can end it with a step that is empty on every worker.)
     """
     rows = ctx.feed.next_pass_rows()
-    mine = -1 if rows is None else rows
-    if ctx.num_workers > 1 or ctx.strategy.num_replicas_in_sync > 1:
-        every = ctx.strategy.gather(ctx.strategy.run(lambda: tf.constant([mine], tf.int64)), axis=0).numpy()
-    else:
-        every = [mine]
+    every = every_worker(ctx, -1 if rows is None else rows)
     if min(every) < 0:
         return None, False
     steps = math.ceil(int(max(every)) / ctx.rows_per_step)

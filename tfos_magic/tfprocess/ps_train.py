@@ -190,6 +190,7 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
     for epoch in range(first_epoch, ctx.epochs):
         if not (epoch == first_epoch and done_in_epoch):
             sess.run(begin_epoch, feed_dict={epoch_now: epoch})
+        ctx.feed.epoch = epoch  # which shuffled order this pass takes
         sess.run(data.initializer)
         total, steps, rows0, t0 = 0.0, 0, ctx.feed.rows_delivered, time.monotonic()
         while True:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..job.digest import decimate
+from ..job.digest import decimate, stopped_early_text
 from ..protocol.events import log_line
 
 MAX_SNAPSHOT_POINTS = 2000
@@ -67,6 +67,7 @@ class DashboardModel:
     job_group: str | None = None
     spark_ui: str | None = None
     error: str | None = None
+    stopped_early: str | None = None  # a callback of the cell ended training before --epochs, and why
     error_file: str | None = None
     started: float = field(default_factory=time.time)
     first_step_at: float | None = None
@@ -207,6 +208,10 @@ class DashboardModel:
             if d.get("memory_total") is not None:
                 peak["memory_total"] = float(d["memory_total"])
 
+    def _on_stopped_early(self, e: dict[str, Any]) -> None:
+        if int(e.get("worker", 0)) == 0:
+            self.stopped_early = stopped_early_text(e)
+
     def _on_error(self, e: dict[str, Any]) -> None:
         self.error = f"{e.get('role', 'worker')} {e.get('worker')}: {e.get('message')}"
         self.error_file = e.get("details_file") or self.error_file
@@ -248,7 +253,7 @@ class DashboardModel:
         return {
             "job": self.job, "state": self.state, "phase": self.phase, "attempt": self.attempt,
             "restarts": list(self.restarts), "job_group": self.job_group, "spark_ui": self.spark_ui,
-            "error": self.error, "error_file": self.error_file,
+            "error": self.error, "error_file": self.error_file, "stopped_early": self.stopped_early,
             "step": self.step, "total_steps": self.total_steps, "epoch": self.epoch, "epochs": self.epochs,
             "rows": self.rows, "rows_per_s": self.rows_per_s, "elapsed": self.elapsed(now), "eta": self.eta(now),
             "workers": self.workers, "ps": self.ps, "gpu": gpu,

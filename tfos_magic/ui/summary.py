@@ -61,7 +61,7 @@ def headline(model: DashboardModel) -> str:
 
 def notes(model: DashboardModel) -> list[str]:
     """What the user should know beyond the numbers: a resume, nothing left to do."""
-    out = []
+    out = [model.stopped_early] if model.stopped_early else []
     if model.restored_from:
         out.append(f"resumed from step {model.initial_step} (epoch {model.initial_epoch}): {model.restored_from}")
         if model.initial_epoch >= model.epochs:

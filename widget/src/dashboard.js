@@ -24,6 +24,7 @@ const CSS = `
 .tfos-dash table { border-collapse: collapse; font-size: 12px; margin: 4px 0 8px; }
 .tfos-dash td, .tfos-dash th { padding: 2px 8px; text-align: left; border-bottom: 1px solid var(--jp-border-color3, #eee); }
 .tfos-error { color: #d62728; white-space: pre-wrap; margin: 6px 0; }
+.tfos-note { color: #1f77b4; margin: 6px 0; }
 .tfos-log { max-height: 180px; overflow: auto; white-space: pre; font-family: var(--jp-code-font-family, monospace); font-size: 11px; }
 .tfos-section { margin-top: 6px; }
 .tfos-section > summary { cursor: pointer; color: var(--jp-ui-font-color2, #555); }
@@ -71,11 +72,12 @@ function render({ model, el: root }) {
   const bar = el("div", { class: "tfos-bar" }, el("div"));
   const stats = el("div", { class: "tfos-stats" });
   const error = el("div", { class: "tfos-error" });
+  const note = el("div", { class: "tfos-note" });
   const chartBox = el("div");
   const gpu = el("details", { class: "tfos-section", open: "" }, el("summary", {}, "Workers"), el("div"));
   const ckpts = el("details", { class: "tfos-section" }, el("summary", {}, "Checkpoints"), el("div"));
   const logs = el("details", { class: "tfos-section" }, el("summary", {}, "Worker output"), el("div", { class: "tfos-log" }));
-  const box = el("div", { class: "tfos-dash" }, style, title, phase, bar, stats, error, chartBox, gpu, ckpts, logs);
+  const box = el("div", { class: "tfos-dash" }, style, title, phase, bar, stats, note, error, chartBox, gpu, ckpts, logs);
   root.append(box);
 
   // Series: name -> {x: number[], y: number[]}; rebuilt from snapshots, extended by appends.
@@ -139,6 +141,7 @@ function render({ model, el: root }) {
       ["ETA", fmtTime(s.eta)],
     ].filter(Boolean);
     stats.replaceChildren(...parts.map(([k, v]) => el("span", {}, `${k} `, el("b", {}, v))));
+    note.textContent = s.stopped_early || "";
     error.textContent = s.error ? s.error + (s.error_file ? `\n(details: ${s.error_file})` : "") : "";
     const rows = [];
     for (const [w, devices] of Object.entries(s.gpu || {})) {

@@ -71,7 +71,12 @@ describe('JobsPanel', () => {
     expect(line.getAttribute('d')!.split('L')).toHaveLength(ratings.loss_history.length);
 
     const finished = row('quickstart');
-    expect(text(finished.querySelector('.tfos-Progress-label'))).toBe('3/3 epochs · step 1,875');
+    expect(text(finished.querySelector('.tfos-Progress-label'))).toBe('3/5 epochs · step 1,875');
+    // A callback of the cell ended it early: the row says when and why.
+    expect(text(finished.querySelector('.tfos-JobRow-note'))).toBe(
+      'Stopped early at epoch 3 of 5: EarlyStopping: val_loss did not improve for 1 epoch (best 0.04211).'
+    );
+    expect(running.querySelector('.tfos-JobRow-note')).toBeNull();
     expect(finished.querySelector('.tfos-JobRow-rate')).toBeNull();
     expect(finished.querySelector('.tfos-JobRow-gpu')).toBeNull();
 

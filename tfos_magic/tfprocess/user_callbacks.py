@@ -1,0 +1,125 @@
+"""The cell's own Keras callbacks (`callbacks()`), in a loop that calls `fit` once an epoch.
+
+The epoch loop (keras_fit.py) runs `fit` one epoch at a time, so that every epoch can
+agree its steps across workers. A Keras callback expects one `fit`: EarlyStopping and
+ReduceLROnPlateau reset their counters in `on_train_begin`, so they would never wait
+long enough to act. Each user callback is wrapped to see one training: its
+`on_train_begin` once, its `on_train_end` when the loop ends. The logs they see are
+the job's: under MultiWorkerMirroredStrategy Keras all-reduces the metrics it logs, so
+every worker takes the same decision at the same epoch (stop, or a new learning rate).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import tensorflow as tf
+
+from ..errors import TfosError
+
+
+class OneTraining(tf.keras.callbacks.Callback):
+    """A user callback across the loop's `fit` calls; notes which one stopped training."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+        self._began = False
+        self.stopped: str | None = None  # why this callback stopped training, when it did
+        self._supports_tf_logs = getattr(inner, "_supports_tf_logs", False)
+
+    def set_model(self, model: Any) -> None:
+        super().set_model(model)
+        self.inner.set_model(model)
+
+    def set_params(self, params: Any) -> None:
+        super().set_params(params)
+        self.inner.set_params(params)
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        if not self._began:
+            self._began = True
+            self.inner.on_train_begin(logs)
+
+    def on_train_end(self, logs: Any = None) -> None:
+        """Held back: `finish()` calls it once the loop is over."""
+
+    def finish(self, logs: Any = None) -> None:
+        if self._began:
+            self.inner.on_train_end(logs)
+
+    @property
+    def restores_weights(self) -> bool:
+        """Whether its end of training puts earlier weights back (restore_best_weights)."""
+        return bool(getattr(self.inner, "restore_best_weights", False)) and \
+            getattr(self.inner, "best_weights", None) is not None
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self.inner.on_epoch_begin(epoch, logs)
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        before = bool(self.model.stop_training)
+        self.inner.on_epoch_end(epoch, logs)
+        if self.model.stop_training and not before:
+            self.stopped = describe_stop(self.inner, epoch)
+
+    # Batch hooks only where the callback has them: Keras skips the per-step calls
+    # (and their host syncs) for callbacks that do not override them.
+    def _implements_train_batch_hooks(self) -> bool:
+        return self.inner._implements_train_batch_hooks()
+
+    def _implements_test_batch_hooks(self) -> bool:
+        return self.inner._implements_test_batch_hooks()
+
+    def _implements_predict_batch_hooks(self) -> bool:
+        return False
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        self.inner.on_train_batch_begin(batch, logs)
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        self.inner.on_train_batch_end(batch, logs)
+
+    def on_test_begin(self, logs: Any = None) -> None:
+        self.inner.on_test_begin(logs)
+
+    def on_test_end(self, logs: Any = None) -> None:
+        self.inner.on_test_end(logs)
+
+    def on_test_batch_begin(self, batch: int, logs: Any = None) -> None:
+        self.inner.on_test_batch_begin(batch, logs)
+
+    def on_test_batch_end(self, batch: int, logs: Any = None) -> None:
+        self.inner.on_test_batch_end(batch, logs)
+
+
+def describe_stop(callback: Any, epoch: int) -> str:
+    """Why `callback` stopped training after `epoch` (0-based), in words for the dashboard."""
+    name = type(callback).__name__
+    monitor = getattr(callback, "monitor", None)
+    patience = getattr(callback, "patience", None)
+    if monitor is not None and patience is not None:
+        best = getattr(callback, "best", None)
+        best_text = f" (best {best:.4g})" if isinstance(best, float) else ""
+        restored = " Its best weights were restored." if getattr(callback, "restore_best_weights", False) else ""
+        return (f"{name}: {monitor} did not improve for {patience} epoch{'s' if patience != 1 else ''}"
+                f"{best_text}.{restored}")
+    return f"{name} set model.stop_training after epoch {epoch + 1}."
+
+
+def build(callbacks: Callable[[], Any] | None) -> list[OneTraining]:
+    """The cell's `callbacks()`, each wrapped; none when the cell defines no such function."""
+    if callbacks is None:
+        return []
+    made = callbacks()
+    made = [] if made is None else list(made) if isinstance(made, (list, tuple)) else [made]
+    wrong = [type(c).__name__ for c in made if not isinstance(c, tf.keras.callbacks.Callback)]
+    if wrong:
+        raise TfosError(f"callbacks() must return a list of tf.keras callbacks; it returned {', '.join(wrong)}. "
+                        "Build them from tf.keras.callbacks (EarlyStopping, ReduceLROnPlateau, ...) or subclass "
+                        "tf.keras.callbacks.Callback.")
+    return [OneTraining(c) for c in made]
+
+
+def stopped_by(wrapped: list[OneTraining]) -> str | None:
+    return next((w.stopped for w in wrapped if w.stopped), None)
