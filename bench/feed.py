@@ -33,7 +33,10 @@ label in 2 partitions, on a local[2] Spark session, 512-row batches.
 
 Each path runs --repeats times (default 3); the table shows the median.
 
-Usage: .venv/bin/python bench/feed.py [--rows N] [--repeats R] [--row-baseline-rows N]
+With --shuffle, only the tfos feed runs, with --shuffle 0 and with the default, one after
+the other in each repeat, and the table gives each epoch's rate and its ratio to none.
+
+Usage: .venv/bin/python bench/feed.py [--rows N] [--repeats R] [--row-baseline-rows N] [--shuffle]
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def consume(ds) -> int:
     return rows
 
 
-def bench_tfos(spark, df) -> dict[str, float]:
+def bench_tfos(spark, df, shuffle: int | None = None) -> dict[str, float]:
     from tfos_magic.driver.launcher import launch
     from tfos_magic.job import JobSpec, JobStore, TrainOptions
 
@@ -96,7 +99,8 @@ def bench_tfos(spark, df) -> dict[str, float]:
     try:
         store = JobStore(home)
         spec = JobSpec("bench", etl_source="df", train_source=TRAIN,
-                       options=TrainOptions(workers=2, label="y", batch_size=BATCH))
+                       options=TrainOptions(workers=2, label="y", batch_size=BATCH,
+                                            **({} if shuffle is None else {"shuffle": shuffle})))
         store.save_spec(spec)
         t0 = time.perf_counter()
         launch(spark, spec, df, store)
@@ -226,10 +230,30 @@ def bench_upper_bound(n: int) -> float:
     return rows / (time.perf_counter() - t0)
 
 
+def compare_shuffle(spark, df, args) -> None:
+    """The job's feed with the default shuffle against none, run after run: rows/s of each
+    epoch, and the median of each pair's ratio (this machine drifts between runs)."""
+    from tfos_magic.job import TrainOptions
+
+    default = TrainOptions().shuffle
+    pairs = [(bench_tfos(spark, df, shuffle=0), bench_tfos(spark, df)) for _ in range(args.repeats)]
+    med = statistics.median
+    print(f"rows={args.rows} features=16 float32 partitions=2 batch={BATCH} master=local[2] "
+          f"median of {args.repeats}; the ratio is the median of each pair's")
+    print("| --shuffle | epoch 1 (streamed from Spark) rows/s | vs 0 | epoch 2 (spill) rows/s | vs 0 |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for label, k in (("0", 0), (f"{default:,} (default)", 1)):
+        rates = [med(p[k][e] for p in pairs) for e in ("epoch1", "epoch2")]
+        ratios = [med(p[k][e] / p[0][e] for p in pairs) for e in ("epoch1", "epoch2")]
+        print(f"| {label} | {rates[0]:,.0f} | {ratios[0]:.2f}x | {rates[1]:,.0f} | {ratios[1]:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shuffle", action="store_true",
+                    help="only the tfos feed, with --shuffle 0 and with the default, interleaved")
     ap.add_argument("--row-baseline-rows", type=int, default=100_000,
                     help="rows the row-at-a-time baseline feeds (a subset: it is slow); default 100000")
     args = ap.parse_args()
@@ -247,6 +271,10 @@ def main() -> None:
     import tensorflow as tf  # noqa: F401  (start-up kept out of the in-process timings)
 
     med = statistics.median
+    if args.shuffle:
+        compare_shuffle(spark, df, args)
+        spark.stop()
+        return
     upper = med(bench_upper_bound(args.rows) for _ in range(args.repeats))
     pandas_rate = med(bench_to_pandas(df) for _ in range(args.repeats))
     parquet_rate = med(bench_parquet(df, args.rows) for _ in range(args.repeats))
