@@ -249,3 +249,15 @@ def test_class_weights_and_a_weight_column_reach_fit_as_sample_weights(tmp_path)
     np.testing.assert_allclose(w.numpy(), [1, 5, 2, 10, 1, 5])
     # Validation rows keep their own weights only, as Keras' class_weight leaves them.
     assert len(feed.element_spec("validation")) == 3 and len(feed.element_spec()) == 3
+
+
+def test_a_resumed_pass_skips_the_rows_trained_before_in_the_same_shuffled_order(tmp_path):
+    """A run resumed mid-epoch leaves out the rows its earlier attempt took: with the same
+    seed the order is the same, so exactly those rows."""
+    whole = _order(ArrowFeed(_stream(_batches()), _spec(), _dir(tmp_path, "whole"), shuffle_rows=1000,
+                             seed=("j", 1, 0)))
+    resumed = ArrowFeed(_stream(_batches()), _spec(), _dir(tmp_path, "resumed"), shuffle_rows=1000, seed=("j", 1, 0))
+    resumed.skip_next_pass(1500)
+    assert resumed.next_pass_rows() is None  # not known while the stream is unread
+    np.testing.assert_array_equal(_order(resumed), whole[1500:])
+    assert resumed.next_pass_rows() == 5000, "the skip holds for one pass only"

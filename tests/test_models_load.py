@@ -226,6 +226,18 @@ FORGETS_AN_ARGUMENT = KINDS["layer_with_config"].replace(
 assert FORGETS_AN_ARGUMENT != KINDS["layer_with_config"]
 
 
+UNSAVABLE = """
+class Activation(tf.keras.layers.Layer):
+    def __init__(self, fn, **kwargs):
+        super().__init__(**kwargs)
+        self.fn = fn
+
+    def call(self, x):
+        return self.fn(x)
+
+def build_model():
+    return dense_model(Activation(tf.nn.tanh))
+"""
 UNNAMED_WEIGHT = KINDS["layer_without_config"].replace('name="kernel", ', "")
 
 
@@ -245,6 +257,14 @@ def test_a_model_that_loads_as_another_model_fails_its_job_with_the_fix(shell):
     assert isinstance(err, TfosError) and job.state == "failed", (err, job.state)
     assert "'affine' (Affine) makes a weight with add_weight() and no name" in job.error, job.error
     assert not job.history, "the error comes before the first epoch"
+
+    # A custom layer without get_config whose __init__ takes a function: Keras cannot make
+    # it again from the file; the job says so, with the fix, after training.
+    err = _train(shell, "unsavable", UNSAVABLE)
+    job = get_job("unsavable")
+    assert isinstance(err, TfosError) and job.state == "failed", (err, job.state)
+    assert "get_config" in job.error and any(
+        words in job.error for words in ("cannot be saved", "cannot be loaded back", "predicts differently")), job.error
 
 
 # --- fast tests of the pieces -------------------------------------------------

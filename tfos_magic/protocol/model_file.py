@@ -95,7 +95,7 @@ _MISSING = re.compile(r"Unknown (?:layer|loss function|metric function|object)[^
 def why_not_loadable(path: str, exc: BaseException, definitions: CellDefinitions | None,
                      trust: str | None = None) -> str:
     """One message: the file, Keras' own reason, and what to change."""
-    text = str(exc).strip().splitlines()[0][:400].rstrip(".") if str(exc).strip() else type(exc).__name__
+    text = " ".join(str(exc).split())[:400].rstrip(".") or type(exc).__name__  # Keras' reasons span lines
     reason = f"{type(exc).__name__}: {text}"
     if "Lambda" in str(exc) and trust:
         fix = (f"It holds a Lambda layer, whose Python code tfos runs only from a file that only you could have "

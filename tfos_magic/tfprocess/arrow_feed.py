@@ -204,6 +204,8 @@ class ArrowFeed:
         cls = tf.where((cls < 0) | (cls > top), tf.constant(top + 1, tf.int64), cls)
         weights = tf.gather(table, cls)
         return x, y, weights if weight is None else weight * weights
+
+    def skip_next_pass(self, rows: int) -> None:
         """Leave out the first `rows` training rows of the next pass only: a run resumed
         from a checkpoint taken mid-epoch goes on where the epoch was, instead of training
         on those rows twice (and taking more steps than an unbroken run)."""

@@ -262,4 +262,5 @@ def save_model(model: Any, ctx: TrainContext, source: str | None) -> None:
         ctx.send("model", path=path, outputs=outputs)
         return
     with tempfile.TemporaryDirectory(prefix="tfos-model-") as tmp:
-        model.save(os.path.join(tmp, MODEL_FILE))
+        # The same words as the chief's when Keras cannot save: any worker may report first.
+        model_check.saved(ctx.checkpoint_path(MODEL_FILE), lambda: model.save(os.path.join(tmp, MODEL_FILE)))
