@@ -165,8 +165,9 @@ class ArrowFeed:
         """Tensors' worth of numpy arrays that own their (writable) memory, for tf.data."""
         return self._arrays.to_numpy(batch)
 
-    def element_spec(self, split: str = "train") -> Any:
-        """What one element of `dataset(split)` is: x, (x, y) or (x, y, weight)."""
+    def element_spec(self, split: str = "train", class_weights: bool = True) -> Any:
+        """What one element of `dataset(split)` is: x, (x, y) or (x, y, weight); without
+        `class_weights`, what the generator yields before tf.data adds them."""
         import tensorflow as tf
 
         def spec_of(c: ColumnSpec) -> "tf.TensorSpec":
@@ -183,13 +184,9 @@ class ArrowFeed:
         y = spec_of(self.spec.label)
         if self.spec.weight is not None:
             return x, y, spec_of(self.spec.weight)
-        if self.class_weight and split == "train":
+        if self.class_weight and split == "train" and class_weights:
             return x, y, tf.TensorSpec((None,), tf.float32)
         return x, y
-
-    def _generated_spec(self, split: str) -> Any:
-        """What the generator yields: the element without the class weights, added in tf.data."""
-        return self.element_spec("validation" if self.spec.weight is None else split)
 
     def _weigh_classes(self, x: Any, y: Any, weight: Any = None) -> Any:
         """Each training row's weight times its class's, as Keras' `class_weight` does: the
@@ -249,7 +246,7 @@ class ArrowFeed:
             if split == "train":
                 self.last_pass_rows = delivered
 
-        ds = tf.data.Dataset.from_generator(generate, output_signature=self._generated_spec(split))
+        ds = tf.data.Dataset.from_generator(generate, output_signature=self.element_spec(split, class_weights=False))
         ds = ds.rebatch(batch_size)
         if self.class_weight and split == "train" and self.spec.label is not None:
             ds = ds.map(self._weigh_classes, num_parallel_calls=tf.data.AUTOTUNE)
