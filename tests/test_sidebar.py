@@ -45,20 +45,24 @@ def running_job(lab, tmp_path, tfos_kernel):
 
 
 def _store_jobs(home: Path) -> None:
-    """A succeeded job with a loss curve and a checkpoint, and a failed one with its error."""
+    """A succeeded job with a loss curve and a checkpoint, stopped early by a callback, and a
+    failed one with its error."""
     from tfos_magic.job import JobStore
     from tfos_magic.job.spec import JobSpec
+    from tfos_magic.protocol.options import TrainOptions
 
     store = JobStore(str(home))
     now = time.time()
-    store.save_spec(JobSpec(name="curve", train_source="def build_model(): ..."))
+    store.save_spec(JobSpec(name="curve", train_source="def build_model(): ...", options=TrainOptions(epochs=3)))
     store.append_events("curve", [
         {"v": 1, "kind": "step", "time": now - 60 + s, "worker": 0, "run": 1, "attempt": 1, "step": s * 10,
          "metrics": {"loss": 2.0 / (1 + s), "rows_per_s": 5000.0}} for s in range(1, 30)
     ] + [{"v": 1, "kind": "epoch", "time": now - 30, "worker": 0, "run": 1, "attempt": 1, "epoch": 1,
           "step": 290, "metrics": {"loss": 0.07}},
          {"v": 1, "kind": "checkpoint", "time": now - 30, "worker": 0, "run": 1, "attempt": 1,
-          "path": str(home / "ckpt-290"), "step": 290, "epoch": 1, "reason": "epoch"}])
+          "path": str(home / "ckpt-290"), "step": 290, "epoch": 1, "reason": "epoch"},
+         {"v": 1, "kind": "stopped_early", "time": now - 30, "worker": 0, "run": 1, "attempt": 1, "epoch": 1,
+          "epochs": 3, "reason": "EarlyStopping: val_loss did not improve for 1 epoch (patience 1)."}])
     store.write_state("curve", state="succeeded", run=1, attempt=1, started=now - 61, ended=now - 29,
                       updated=now - 29, error=None, workers=2)
     store.save_spec(JobSpec(name="broken", train_source="def build_model(): ..."))
@@ -85,11 +89,14 @@ def test_the_sidebar_shows_every_job_opens_one_and_stops_the_running_one(lab, ru
         assert page.locator(badge.format("curve")).text_content() == "succeeded"
         assert page.locator(badge.format("broken")).text_content() == "failed"
         assert "null values" in page.locator(".tfos-JobRow[data-job='broken']").text_content()
+        early = "Stopped early at epoch 1 of 3: EarlyStopping"
+        assert early in page.locator(".tfos-JobRow[data-job='curve'] .tfos-JobRow-note").text_content()
         assert page.locator(".tfos-JobRow[data-job='curve'] .tfos-Sparkline path").count() == 1
         page.screenshot(path=str(shots / "sidebar.png"))
         page.locator(".tfos-JobRow[data-job='curve']").click()
         page.wait_for_selector(".tfos-LossChart-line", timeout=30_000)
         assert "ckpt-290" in page.locator(".tfos-JobDetail-checkpoints").text_content()
+        assert early in page.locator(".tfos-JobDetail-note").first.text_content()
         page.screenshot(path=str(shots / "sidebar-job.png"))
 
         # Stop the running job from its view; its kernel is busy with a cell meanwhile.

@@ -220,7 +220,9 @@ export class JobsPanel extends SidePanel {
     row.tabIndex = 0;
     row.setAttribute('role', 'button');
     const updated = formatWhen(job.updated);
-    row.title = `${job.name}: ${job.state}, updated ${updated.human}${job.error ? `\n${job.error}` : ''}`;
+    row.title = `${job.name}: ${job.state}, updated ${updated.human}${
+      job.stopped_early ? `\n${job.stopped_early}` : ''
+    }${job.error ? `\n${job.error}` : ''}`;
     const stats = el(
       'div',
       'tfos-JobRow-stats',

@@ -99,11 +99,12 @@ def describe_stop(callback: Any, epoch: int) -> str:
     monitor = getattr(callback, "monitor", None)
     patience = getattr(callback, "patience", None)
     if monitor is not None and patience is not None:
+        waited = getattr(callback, "wait", patience)  # epochs without improvement, as it counted them
         best = getattr(callback, "best", None)
-        best_text = f" (best {best:.4g})" if isinstance(best, float) else ""
+        best_text = f", best {best:.4g}" if isinstance(best, float) else ""
         restored = " Its best weights were restored." if getattr(callback, "restore_best_weights", False) else ""
-        return (f"{name}: {monitor} did not improve for {patience} epoch{'s' if patience != 1 else ''}"
-                f"{best_text}.{restored}")
+        return (f"{name}: {monitor} did not improve for {waited} epoch{'s' if waited != 1 else ''} "
+                f"(patience {patience}{best_text}).{restored}")
     return f"{name} set model.stop_training after epoch {epoch + 1}."
 
 
