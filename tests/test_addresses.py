@@ -1,18 +1,49 @@
 """Which addresses the sides use and advertise, and what a TF process says of a peer it
-cannot reach (fast: no TensorFlow). The real thing, on hosts whose names resolve to
+cannot reach, and the ports TF tasks hold from agreement to bind (fast: TensorFlow only in one
+subprocess). The real thing, on hosts whose names resolve to
 127.0.1.1, is in test_multihost.py."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 from tfos_magic.errors import TfosError
-from tfos_magic.protocol.net import free_port
+from tfos_magic.protocol.net import TF_REUSE_PORT_ENV, ReservedPort, free_port
 from tfos_magic.tfprocess.peers import wait_reachable, watch_reachable
+
+
+TF_SERVER = """
+import sys, tensorflow as tf
+tf.distribute.Server(tf.train.ClusterSpec({"worker": [sys.argv[1]]}), job_name="worker", task_index=0)
+print("bound")
+"""
+
+
+def test_a_reserved_port_is_nobody_elses_until_the_tf_server_binds_it():
+    """The agreed port of a TF task (a CI run once lost one to another process between the
+    agreement and the bind: "Could not start gRPC server")."""
+    with ReservedPort("127.0.0.1") as reserved:
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", reserved.port))
+        drawn = []
+        for _ in range(200):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                drawn.append(s.getsockname()[1])
+        assert reserved.port not in drawn
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **TF_REUSE_PORT_ENV)
+        run = subprocess.run([sys.executable, "-c", TF_SERVER, f"127.0.0.1:{reserved.port}"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and "bound" in run.stdout, run.stderr[-2000:]
+    with socket.socket() as s:  # and it is free again once released
+        s.bind(("127.0.0.1", reserved.port))
 
 
 def test_a_peer_that_starts_listening_later_is_waited_for():

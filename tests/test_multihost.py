@@ -343,7 +343,9 @@ def test_a_shuffle_etl_longer_than_the_start_timeout_trains_showing_its_stages_a
     assert job.state == "succeeded", (job.error, seen)
     etl = [(t, spark) for t, phase, spark in seen if phase.startswith("Spark is computing the DataFrame")]
     assert etl and etl[-1][0] > 12, seen  # shown as progress for longer than the start timeout
-    assert any(done < total for _, (done, total) in etl) and len({tuple(s) for _, s in etl}) >= 3, seen
+    # progress moves: the first stage's three tasks end together, so two states may be all a
+    # one-second poll sees of it
+    assert any(done < total for _, (done, total) in etl) and len({tuple(s) for _, s in etl}) >= 2, seen
     first_task = min(e["time"] for e in job.events if e["kind"] == "task")
     assert first_task - min(e["time"] for e in job.events) < 60  # the task events open the run
     history = job.history

@@ -33,7 +33,7 @@ from ..protocol.channel import REACH_HINT, ChannelClient
 from ..protocol.events import make_event
 from ..protocol.feed_spec import FeedError, FeedSpec, array_lengths
 from ..protocol.logs import log_tail
-from ..protocol.net import free_port
+from ..protocol.net import TF_REUSE_PORT_ENV, ReservedPort
 from ..protocol.paths import local_path, unshared_checkpoint_dir
 from ..protocol.plan import EnvPlan, TaskConfig, TaskPlan
 from ..protocol.versions import mismatch, probe_source
@@ -109,10 +109,10 @@ def exit_description(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _agree_cluster(task: Any, host: str, first: pa.RecordBatch | None,
+def _agree_cluster(task: Any, address: str, first: pa.RecordBatch | None,
                    spec: FeedSpec) -> tuple[list[str], dict[str, int]]:
     """Each task's TF address and array column lengths, shared with all; empty and ragged data fail here."""
-    mine = {"addr": f"{host}:{free_port(host)}", "rows": first is not None, "lengths": {}, "error": None}
+    mine = {"addr": address, "rows": first is not None, "lengths": {}, "error": None}
     try:
         if first is not None:
             mine["lengths"] = array_lengths(first, spec)
@@ -142,9 +142,10 @@ def run_worker(plan: TaskPlan, batches: Iterator[pa.RecordBatch]) -> pa.RecordBa
     _announce(plan, "worker", index, task.stageId(), host)
     _check_checkpoint_dir(plan, host)
     # Started first: TensorFlow's import (seconds) overlaps the first batch and the agreement.
-    with TFProcess(plan, "worker", index, host, gpu_env(task.resources())) as child:
+    # The port is held until the TF process ends: its server binds it only after the import.
+    with TFProcess(plan, "worker", index, host, gpu_env(task.resources())) as child, ReservedPort(host) as port:
         first, rest = _peek(batches)
-        addrs, lengths = _agree_cluster(task, host, first, plan.feed)
+        addrs, lengths = _agree_cluster(task, f"{host}:{port.port}", first, plan.feed)
         env = {}
         if plan.strategy == "allreduce":
             env["TF_CONFIG"] = json.dumps({"cluster": {"worker": addrs}, "task": {"type": "worker", "index": index}})
@@ -256,7 +257,8 @@ class TFProcess:
         python = tf_python(plan.env)  # first: a refused environment leaves no work dir behind
         self.workdir = tempfile.mkdtemp(prefix=f"tfos-{plan.job}-{role}{index}-")
         self.config = TaskConfig(plan, role, index, plan.options.workers, host, self.workdir)
-        env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", **self.config.secret_env(), **env)
+        env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", **TF_REUSE_PORT_ENV,
+                   **self.config.secret_env(), **env)
         with open(self.config.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [python, "-m", CHILD_MODULE, self.config.config_path, str(plan.options.start_timeout)],

@@ -23,7 +23,7 @@ from typing import Any
 from ..protocol.channel import REACH_HINT, ChannelClient
 from ..protocol.events import make_event
 from ..protocol.logs import log_tail
-from ..protocol.net import free_port
+from ..protocol.net import ReservedPort
 from ..protocol.plan import TaskConfig
 from .failpoints import Failpoint
 from .failures import failure
@@ -210,7 +210,9 @@ def _join_cluster(config: TaskConfig, cleanup: list[Any]) -> dict[str, list[str]
 
     registry = client_for(config.plan)
     cleanup.append(registry)  # closing it ends this task's ephemeral ZooKeeper nodes
-    address = f"{config.bind_host}:{free_port(config.bind_host)}"
+    port = ReservedPort(config.bind_host)  # held until the process ends: see ReservedPort
+    cleanup.append(port)
+    address = f"{config.bind_host}:{port.port}"
     registry.register(config.role, config.index, address)
     opts = config.plan.options
     return registry.wait_cluster({"ps": opts.ps, "worker": opts.workers}, timeout=opts.start_timeout)
