@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -13,6 +14,42 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["PYSPARK_PYTHON"] = sys.executable
 
 import pytest
+
+# --- test tiers ---------------------------------------------------------------------------
+# Every test is in the fast tier unless marked `e2e` (it starts TF processes); the files
+# below are whole tiers of their own, and end to end too. `pytest -m "not e2e"` (or
+# `scripts/test.sh --fast`) is the fast tier: there, TensorFlow cannot be imported in any
+# process this run starts (kernels, Spark's Python workers, TF processes), so a test that
+# starts TF without the mark fails naming the mark instead of quietly slowing the tier.
+FILE_TIERS = {
+    "test_cluster.py": "cluster", "test_multihost.py": "cluster", "test_deploy.py": "cluster",
+    "test_browser.py": "browser", "test_sidebar.py": "browser",
+    "test_wheel.py": "wheel", "test_packaging.py": "wheel",
+    "test_examples.py": "examples", "test_readme.py": "examples",
+}
+TIERS = sorted(set(FILE_TIERS.values()))
+NO_TENSORFLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "no_tensorflow")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: starts TF processes (real Spark jobs, kernels that train)")
+    for tier in TIERS:
+        config.addinivalue_line("markers", f"{tier}: the {tier} tier (end to end)")
+    if (config.getoption("markexpr") or "").replace(" ", "") == "note2e":
+        os.environ["TFOS_TEST_TIER"] = "fast"
+    if os.environ.get("TFOS_TEST_TIER") == "fast":
+        # For the processes this run starts: this process already has its sys.path, and
+        # the fast tier's unit tests of the feed may use tf.data in it.
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (NO_TENSORFLOW, os.environ.get("PYTHONPATH")) if p)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = FILE_TIERS.get(item.path.name)
+        if tier:
+            item.add_marker(tier)
+        if tier or item.get_closest_marker("e2e"):
+            item.add_marker("e2e")
 
 
 @pytest.fixture(scope="session")
@@ -192,8 +229,6 @@ def spark_standalone(tmp_path_factory):
     root = tmp_path_factory.mktemp("standalone")
     env = dict(os.environ, SPARK_HOME=home, SPARK_LOCAL_IP="127.0.0.1", SPARK_LOG_DIR=str(root),
                SPARK_WORKER_DIR=str(root / "work"), PYSPARK_PYTHON=sys.executable)
-    port, ui = free_port(), free_port()
-    url = f"spark://127.0.0.1:{port}"
     cls = os.path.join(home, "bin", "spark-class")
     procs = []
 
@@ -202,8 +237,25 @@ def spark_standalone(tmp_path_factory):
         procs.append(subprocess.Popen([cls, *args], stdout=log, stderr=subprocess.STDOUT, env=env,
                                       start_new_session=True))
 
-    start(["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
-           "--webui-port", str(ui)], "master")
+    def logs() -> str:
+        return "\n".join((root / f).read_text()[-1500:] for f in ("master.log", "worker0.log", "worker1.log")
+                         if (root / f).exists())
+
+    # The master first, on ports it picks itself, read back from its log: ports found free
+    # beforehand were taken by a worker's RPC port in the moment before the master bound them.
+    start(["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", "0", "--webui-port", "0"],
+          "master")
+    deadline = time.time() + 120
+    while True:
+        text = (root / "master.log").read_text() if (root / "master.log").exists() else ""
+        rpc = re.search(r"Starting Spark master at spark://127\.0\.0\.1:(\d+)", text)
+        web = re.search(r"Bound MasterWebUI to 127\.0\.0\.1, and started at http://[^:]+:(\d+)", text)
+        if rpc and web:
+            url, ui = f"spark://127.0.0.1:{rpc.group(1)}", web.group(1)
+            break
+        if time.time() > deadline or procs[0].poll() is not None:
+            raise RuntimeError(f"Spark standalone master did not start:\n{logs()}")
+        time.sleep(0.3)
     for i in range(2):
         # Fake GPUs, as Spark's own GPU tests do: a discovery script that names addresses
         # 2i and 2i+1, so every address in the cluster is distinct.
@@ -213,7 +265,7 @@ def spark_standalone(tmp_path_factory):
         env["SPARK_WORKER_OPTS"] = (f"-Dspark.worker.resource.gpu.amount=2 "
                                     f"-Dspark.worker.resource.gpu.discoveryScript={script}")
         start(["org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "2", "--memory", "4g",
-               "--webui-port", str(free_port()), url], f"worker{i}")
+               "--webui-port", "0", url], f"worker{i}")
     deadline = time.time() + 120
     while True:
         try:
@@ -223,8 +275,7 @@ def spark_standalone(tmp_path_factory):
         except OSError:
             pass
         if time.time() > deadline or any(p.poll() is not None for p in procs):
-            logs = "\n".join((root / f).read_text()[-1500:] for f in ("master.log", "worker0.log", "worker1.log"))
-            raise RuntimeError(f"Spark standalone cluster did not start:\n{logs}")
+            raise RuntimeError(f"Spark standalone cluster did not start:\n{logs()}")
         time.sleep(1)
     yield url
     for p in procs:
@@ -237,14 +288,18 @@ def spark_standalone(tmp_path_factory):
 
 
 def tf_processes(pattern: str = "tfos_magic.tfprocess.child") -> list:
-    """Live processes whose command line contains `pattern` (TF task processes by default;
-    their work dir names hold the job, role and index: tfos-JOB-worker1-...)."""
+    """Live processes whose command line or open files contain `pattern` (TF task processes
+    by default, spares included; their work dir names hold the job, role and index:
+    tfos-JOB-worker1-..., in the command line of a fresh one and in the path of the log
+    every one writes, a spare's once a task took it)."""
     import psutil
 
     found = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if pattern in " ".join(p.info["cmdline"] or []):
+            cmdline = " ".join(p.info["cmdline"] or [])
+            if pattern in cmdline or ("tfos_magic.tfprocess.child" in cmdline
+                                      and any(pattern in f.path for f in p.open_files())):
                 found.append(p)
         except psutil.Error:
             pass

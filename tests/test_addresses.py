@@ -26,6 +26,7 @@ print("bound")
 """
 
 
+@pytest.mark.e2e
 def test_a_reserved_port_is_nobody_elses_until_the_tf_server_binds_it():
     """The agreed port of a TF task (a CI run once lost one to another process between the
     agreement and the bind: "Could not start gRPC server")."""

@@ -124,7 +124,7 @@ def _widget_in_notebook7(page, url: str, token: str, shots: Path) -> None:
     page.screenshot(path=str(shots / "dashboard-notebook7.png"))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_dashboard_live_then_summary_in_jupyterlab(lab, tmp_path):
     assert shutil.which(CHROMIUM), "Debian's chromium is missing: run scripts/setup.sh (apt-get install chromium)"
     url, token = lab

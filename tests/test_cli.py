@@ -84,7 +84,7 @@ def trained(env, tmp_path_factory) -> dict:
     return {"proc": proc, "folder": folder, "home": Path(env["TFOS_HOME"])}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_run_injects_the_parameters_and_writes_the_notebook_and_html(trained):
     proc, folder = trained["proc"], trained["folder"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -99,7 +99,7 @@ def test_run_injects_the_parameters_and_writes_the_notebook_and_html(trained):
     assert f"tfos job '{JOB}' succeeded" in proc.stdout and "loss: final" in proc.stdout, proc.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_saved_notebook_keeps_the_dashboard_as_a_summary(trained):
     """What a headless run leaves in the file, read without a kernel: the live widget's
     output became the static summary (PNG curve, HTML, text), the widget state is saved
@@ -122,7 +122,7 @@ def test_the_saved_notebook_keeps_the_dashboard_as_a_summary(trained):
     assert f"<img alt='loss curve of tfos job {JOB}'" in html.stdout.replace('"', "'")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_jobs_and_status_read_the_store_the_run_left(trained, env):
     job = get_job(JOB, str(trained["home"]))
     assert job.state == "succeeded", job.error
@@ -153,7 +153,7 @@ def test_jobs_and_status_read_the_store_the_run_left(trained, env):
     assert "tfos submit lost resumes it" in tfos("jobs", env=env).stdout
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_submit_trains_the_stored_job_again_in_a_new_process(trained, env):
     home = trained["home"]
     before = get_job(JOB, str(home)).history
@@ -171,7 +171,7 @@ def test_submit_trains_the_stored_job_again_in_a_new_process(trained, env):
     assert again < max(3 * final, 0.05) and final < max(3 * again, 0.05), (before, after)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_ctrl_c_stops_a_submitted_job_at_a_checkpoint_and_exits_130(trained, env):
     """Ctrl-C once the resumed run has taken steps: the workers checkpoint, then it exits 130."""
     home = trained["home"]
@@ -188,7 +188,7 @@ def test_ctrl_c_stops_a_submitted_job_at_a_checkpoint_and_exits_130(trained, env
     assert tf_processes_gone(f"tfos-{JOB}-", timeout=30), "TF processes outlived the interrupt"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_run_of_a_failing_notebook_names_the_cell_and_its_error(env, tmp_path):
     notebook = write_notebook(tmp_path / "fails.ipynb", "x = 1", "raise ValueError(f'bad value {x + 41}')",
                               "print('never')")
@@ -198,7 +198,7 @@ def test_run_of_a_failing_notebook_names_the_cell_and_its_error(env, tmp_path):
     assert "Traceback" not in proc.stderr and "never" not in outputs_text(tmp_path / "fails.out.ipynb")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_ctrl_c_interrupts_the_running_cell_and_runs_no_other(env, tmp_path):
     started = tmp_path / "started"
     notebook = write_notebook(tmp_path / "long.ipynb", f"import time\nopen({str(started)!r}, 'w').close()\n"

@@ -19,7 +19,7 @@ from jupyter_client.manager import start_new_kernel
 
 from tfos_magic import get_job
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 ETL = """%%spark_etl {name}
 from pyspark.sql import functions as F
@@ -132,10 +132,11 @@ def _ps_run(kernel, home, name, point=None):
 _UNFAULTED: dict = {}
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("seed", [1, 3, 4])
 def test_ps_job_survives_a_killed_worker(cluster_kernel, seed):
     """Fault injection in ps mode (see test_faults.py): a worker killed at a seeded moment of
-    each phase; the job restarts from the latest checkpoint, takes the unfaulted run's
+    start-up, a checkpoint (the chief, which alone saves here) or validation; all-reduce
+    takes streaming, checkpoint and the final save. The job restarts from the latest checkpoint, takes the unfaulted run's
     number of steps, loses at most one interval, and reaches its final loss band."""
     kernel, home = cluster_kernel
     if not _UNFAULTED:  # the unfaulted run is also the ps acceptance: it trains, with all its tasks

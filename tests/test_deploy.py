@@ -30,7 +30,7 @@ from test_cluster import ETL, Kernel
 from tfos_magic import get_job
 from tfos_magic.driver.pack_env import editable_installs, pack_env
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 MODEL = regression_cell(inputs=4, hidden=16, learning_rate=0.003)
 SITE = glob.glob(os.path.join(sys.prefix, "lib", "python*", "site-packages"))[0]

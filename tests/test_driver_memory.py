@@ -50,7 +50,7 @@ class PeakRss:
         return self.peak - self.base
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_driver_rss_stays_flat_while_a_worker_streams_5m_rows(shell, spark):
     cols = "', '".join(f"rand({i}) as f{i}" for i in range(8))
     _, err = run(shell, f"%%spark_etl big\nspark.range({ROWS}, numPartitions=2).selectExpr('{cols}', 'rand(99) as y')\n")

@@ -82,7 +82,7 @@ def build_model():
 }
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_error_shape_reaches_the_user_with_its_cause_and_details(shell, case):
     cell, cause, where = CASES[case]
@@ -105,7 +105,7 @@ def test_each_error_shape_reaches_the_user_with_its_cause_and_details(shell, cas
     assert errors and errors[0]["details_file"] == path and "details" not in errors[0], "metrics.jsonl stays small"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_crashed_tf_process_is_named_by_its_signal_with_its_log_kept(shell):
     run(shell, ETL.format(name="segv"))
     cell = ("import os, signal\ndef train(ctx):\n    print('about to crash', flush=True)\n"

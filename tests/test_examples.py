@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_cli import ROOT, outputs_text, tfos
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 EXAMPLES = ROOT / "example-notebooks"
 
 

@@ -49,7 +49,7 @@ def _accuracy(shell, name: str, workers: int, shuffled_frame: bool, extra: str =
     return float(np.mean((job.load_model().predict(x, verbose=0).reshape(-1) > 0.5) == y))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("workers,extra", [(1, ""), (2, ""), (1, " --strategy ps --ps 1")],
                          ids=["one-worker", "two-workers", "ps"])
 def test_a_frame_ordered_by_label_trains_as_well_as_a_shuffled_one(shell, workers, extra):
@@ -103,7 +103,7 @@ def callbacks():
 """
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_callbacks_stop_early_and_change_the_learning_rate_on_every_worker_at_once(shell, tmp_path, capsys):
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -178,7 +178,7 @@ def _recall(shell, name: str, extra: str = "", cell_extra: str = "") -> float:
     return float(pred[y == 1].mean())
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_class_weights_and_a_weight_column_raise_the_recall_of_the_rare_class(shell):
     plain = _recall(shell, "plain")
     by_class = _recall(shell, "by_class", cell_extra=FIT_OPTIONS)

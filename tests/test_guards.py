@@ -34,7 +34,7 @@ def train(ctx):
 """
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_nan_loss_fails_once_with_the_step_and_worker(shell):
     run(shell, ETL.format(name="nan"))
     _, err = run(shell, "%%tf_train nan --workers 2 --epochs 3 --batch-size 32 --label y --max-restarts 2\n" + NAN)
@@ -49,7 +49,7 @@ def test_nan_loss_fails_once_with_the_step_and_worker(shell):
     assert saved and saved[-1]["epoch"] == 1, "the epoch-1 checkpoint is kept as the last good one"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_stalled_cell_fails_within_its_timeout_naming_last_events(shell):
     run(shell, ETL.format(name="stall"))
     t0 = time.time()

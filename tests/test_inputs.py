@@ -96,7 +96,7 @@ def build_model():
 """
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_one_float_array_feature_trains_an_ordinary_model_with_auto_inputs(shell):
     _, err = run(shell, DIGITS.format(name="digits"))
     assert err is None, err
@@ -111,7 +111,7 @@ def test_one_float_array_feature_trains_an_ordinary_model_with_auto_inputs(shell
     assert accuracy > 0.94, (accuracy, job.history)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_model_that_does_not_fit_the_feed_is_told_what_the_feed_gives(shell):
     _, err = run(shell, DIGITS.format(name="nofit"))
     assert err is None, err

@@ -118,7 +118,7 @@ def test_unwritable_checkpoint_dir(shell, tmp_path):
     assert get_job("ckpt").spec.etl_source, "the job is kept"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_nulls_are_reported_by_column_and_fillna_fixes_them(shell, capsys):
     run(shell, "%%spark_etl nulls\nfrom pyspark.sql import functions as F\n"
                "spark.range(400).select(F.when(F.col('id') % 7 == 3, None).otherwise(F.rand(1)).alias('a'),"
@@ -134,7 +134,7 @@ def test_nulls_are_reported_by_column_and_fillna_fixes_them(shell, capsys):
     assert get_job("nulls").state == "succeeded"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_uneven_and_empty_partitions_do_not_hang(shell):
     run(shell, ETL.format(name="tiny", rows=3))
     _, err = run(shell, "%%tf_train tiny --workers 2 --epochs 2 --batch-size 2 --label y\n" + MODEL)
@@ -148,7 +148,7 @@ def test_uneven_and_empty_partitions_do_not_hang(shell):
     assert isinstance(err, JobFailed) and "DataFrame is empty" in str(err)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("second", [1000, 0])
 def test_uneven_partitions_take_the_agreed_steps_every_epoch(shell, second):
     """Worker 0 has 2,000 rows, worker 1 half as many or none. Epoch 1 streams from Spark
@@ -171,7 +171,7 @@ def test_uneven_partitions_take_the_agreed_steps_every_epoch(shell, second):
     assert len(done) == 2 and all(e["status"] == "ok" for e in done), done
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_workers_that_never_start_fail_within_the_start_timeout(shell):
     # No shuffle before the barrier stage (one partition per worker already), so a
     # partition whose first row never comes keeps its TF worker from starting.
@@ -191,7 +191,7 @@ def test_workers_that_never_start_fail_within_the_start_timeout(shell):
     assert tracker.getActiveJobsIds() == [], "the Spark job was cancelled"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_checkpoint_uri_that_workers_cannot_write(shell):
     # A URI is not checked in the driver (it may be hdfs:// or s3://); the chief checks it.
     run(shell, ETL.format(name="uri", rows=20))

@@ -115,7 +115,7 @@ def _rows(df, n: int = 64) -> tuple[np.ndarray, np.ndarray]:
     return np.array([r["id"] for r in rows]), np.array([[r["a"], r["b"]] for r in rows], np.float32)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_every_kind_of_model_loads_back_everywhere(shell, tfos_home, tmp_path):
     """Six 2-worker jobs; each model agrees with itself in this kernel, on the executors,
     in a new kernel, and as a SavedModel served without the cell."""
@@ -177,7 +177,7 @@ def test_every_kind_of_model_loads_back_everywhere(shell, tfos_home, tmp_path):
         np.testing.assert_allclose(served[name], expected[name], atol=1e-4, rtol=1e-4, err_msg=name)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_ps_job_with_a_custom_layer_loads_back(shell, tmp_path):
     err = _train(shell, "ps_custom", KINDS["layer_with_config"], workers=1, extra=" --strategy ps --ps 1")
     job = get_job("ps_custom")
@@ -206,7 +206,7 @@ def train(ctx):
 """)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_model_that_train_ctx_returns_loads_back(shell):
     assert "def train(ctx)" in OWN_LOOP and "def build_model" not in OWN_LOOP
     err = _train(shell, "own_loop", OWN_LOOP, workers=1)
@@ -241,7 +241,7 @@ def build_model():
 UNNAMED_WEIGHT = KINDS["layer_without_config"].replace('name="kernel", ', "")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_model_that_loads_as_another_model_fails_its_job_with_the_fix(shell):
     err = _train(shell, "forgetful", FORGETS_AN_ARGUMENT)
     job = get_job("forgetful")
@@ -321,6 +321,7 @@ def test_a_file_others_may_write_is_not_trusted(tmp_path):
         assert "belongs to another user (uid 12345)" in trust_problem(str(path))
 
 
+@pytest.mark.e2e
 def test_an_untrusted_lambda_is_refused_with_the_reason(tmp_path):
     """Built in a subprocess (legacy tf.keras must be chosen before TF loads)."""
     code = textwrap.dedent(f"""

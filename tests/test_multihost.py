@@ -16,7 +16,7 @@ from test_faults import _final_step, check_recovery
 
 from tfos_magic import get_job
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 SESSION = """
 import json, os, socket, sys, time

@@ -23,7 +23,7 @@ def test_the_wheel_holds_the_bundled_widget_and_the_kernel_spec(wheel):
     assert json.loads(zipfile.ZipFile(wheel).read(config)) == {"ServerApp": {"jpserver_extensions": {"tfos_magic": True}}}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_plain_pip_install_into_a_fresh_venv_lists_the_kernel(wheel, tmp_path):
     fresh = tmp_path / "fresh"
     python = venv_with_wheel(wheel, fresh)

@@ -38,6 +38,7 @@ def scored(shell):
     return shell, get_job("scored")
 
 
+@pytest.mark.e2e
 def test_predict_runs_on_the_executors_and_matches_the_model(scored, tmp_path):
     shell, job = scored
     df = shell.user_ns["df"]
@@ -60,6 +61,7 @@ def test_predict_runs_on_the_executors_and_matches_the_model(scored, tmp_path):
     np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_predict_names_what_is_wrong(scored):
     shell, job = scored
     df = shell.user_ns["df"]
@@ -92,6 +94,7 @@ SIGNED_TRAIN = ("%%tf_train {name} --workers 1 --epochs 3 --batch-size 64 --labe
                 + regression_cell(inputs=2, hidden=8, learning_rate=0.02))
 
 
+@pytest.mark.e2e
 def test_predict_after_a_retrain_serves_the_new_model(shell):
     """Spark reuses its Python workers, and a retrained job saves its model at the same
     path: a worker that cached the first model by its path served it again."""

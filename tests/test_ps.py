@@ -22,7 +22,7 @@ spark.range({rows}, numPartitions=1).select(F.rand(1).alias("a"), F.rand(2).alia
 MODEL = regression_cell(inputs=2, hidden=8, learning_rate=0.01)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_ps_job_trains_with_the_embedded_registry(shell):
     run(shell, ETL.format(name="ps1", rows=20000))
     _, err = run(shell, "%%tf_train ps1 --strategy ps --ps 1 --workers 1 --epochs 3 --batch-size 64 "
@@ -53,7 +53,7 @@ def _zk(hosts: str):
         zk.stop()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_ps_job_registers_in_zookeeper_and_cleans_up(shell, zookeeper):
     run(shell, ETL.format(name="pszk", rows=60000))
     seen, stop = [], threading.Event()
@@ -96,7 +96,7 @@ def test_ps_bad_input(shell, zookeeper):
     assert time.time() - t0 < 30
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_ps_custom_loop_puts_variables_on_the_ps_and_no_ps_outlives_the_job(shell):
     run(shell, ETL.format(name="psloop", rows=20000))
     cell = """%%tf_train psloop --strategy ps --epochs 3 --batch-size 64 --label y --restart
@@ -166,7 +166,7 @@ def build_model():
 }
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("model", list(PARITY_MODELS))
 def test_ps_trains_like_allreduce(shell, model):
     """The same cells in both strategies: the ps result lands within a stated band of all-reduce's."""
@@ -191,7 +191,7 @@ def test_ps_trains_like_allreduce(shell, model):
     assert final["ps"] <= 2 * final["allreduce"] + 0.01, final
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("strategy", ["ps", "allreduce"])
 def test_ps_refuses_a_model_with_nothing_to_train(shell, strategy):
     run(shell, PARITY_ETL.format(name="frozen"))

@@ -10,7 +10,7 @@ from conftest import run
 README = Path(__file__).parents[1] / "README.md"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_readme_sample_cells_run_as_written(shell):
     cells = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(cells) >= 4, "the sample: load, ETL, train, read the result"

@@ -38,7 +38,7 @@ def _close(km, kc) -> None:
     km.shutdown_kernel(now=True)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_kernel_kill_then_resume_then_corrupt_checkpoint(tmp_path, monkeypatch, tfos_kernel):
     home = tmp_path / "home"
     monkeypatch.setenv("TFOS_HOME", str(home))

@@ -324,7 +324,7 @@ class _Kernel:
         return {"header": {"msg_type": "execute_request"}, "metadata": {"cellId": "cell-live"}}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_stop_through_the_api_is_honoured_by_a_real_running_job(shell, tfos_home, api, jp_root_dir, monkeypatch):
     from tfos_magic import api as job_api
     from tfos_magic import get_job

@@ -70,7 +70,7 @@ def _store_jobs(home: Path) -> None:
                       updated=now - 19, error="Column 'y' has 3 null values.", workers=2)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_sidebar_shows_every_job_opens_one_and_stops_the_running_one(lab, running_job, tmp_path):  # noqa: F811
     url, token = lab
     home = tmp_path / "home"  # the lab fixture's TFOS_HOME

@@ -36,7 +36,7 @@ def markers(tmp_path):
     return path
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_validation_dict_inputs_arrays_step_checkpoints_and_shutdown(shell, markers, capsys):
     _, err = run(shell, ETL.format(name="feat"))
     assert err is None, err
@@ -66,7 +66,7 @@ def test_validation_dict_inputs_arrays_step_checkpoints_and_shutdown(shell, mark
     assert len(get_job("feat").history) == 2
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_shutdown_runs_after_a_failure_and_the_error_names_the_cell_line(shell, markers, capsys):
     run(shell, "%%spark_etl boom\nspark.range(100).selectExpr('rand() as a', 'rand() as y')\n")
     cell = ("%%tf_train boom --workers 2 --label y\nimport os\n"
@@ -120,7 +120,7 @@ def build_model():
 # own) x workers (1, 2) x epochs (1, 3: later epochs read the memory-mapped spill); no
 # validation is covered by every other training test, and every combination of the four
 # at the feed level by test_feed.py.
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("inputs,validation,workers,epochs", [
     ("matrix", "limited", 1, 3), ("matrix", "separate", 2, 1),
     ("dict", "separate", 1, 3), ("dict", "limited", 2, 1),

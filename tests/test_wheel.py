@@ -45,7 +45,7 @@ def test_the_wheel_holds_the_prebuilt_lab_extension_once(wheel):
     assert not any(n.endswith(".ts") or "node_modules" in n for n in names)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_pip_install_enables_the_sidebar_without_node(wheel, tmp_path):
     fresh = tmp_path / "fresh"
     python = venv_with_wheel(wheel, fresh)
