@@ -51,7 +51,7 @@ def test_model_follows_a_scripted_run():
     model.feed(events[0])
     assert model.phase == "Spark is computing the DataFrame: 1 of 4 tasks done"
     model.feed(events[1])
-    assert model.phase == "TF processes starting: 1 of 2"
+    assert model.phase == "TF processes starting: 1 of 2 (cold start: each process loads TensorFlow)"
     for e in events[2:]:
         model.feed(e)
     status = model.status()
@@ -152,3 +152,20 @@ def test_checkpoint_sizes_are_read_from_local_files(tmp_path):
     view = DashboardObserver("j", epochs=1, workers=1)
     view.on_event(_ev("checkpoint", 0, path=str(tmp_path / "ckpt-7"), step=7, epoch=1))
     assert view.model.status()["checkpoints"][0]["size"] == 100
+
+
+def test_the_start_up_line_says_whether_the_tf_processes_started_warm():
+    cold = DashboardModel(job="j", workers=2)
+    cold.feed(_ev("started", 0, role="worker"))
+    assert cold.phase == "TF processes starting: 1 of 2 (cold start: each process loads TensorFlow)"
+    cold.feed(_ev("step", 0, step=1, metrics={"loss": 1.0}))
+    assert cold.phase == "training", "a cold start is not worth a note once training"
+    warm = DashboardModel(job="j", workers=2)
+    warm.feed(_ev("started", 0, role="worker", warm=True))
+    warm.feed(_ev("started", 1, role="worker", warm=False))
+    assert warm.phase == "TF cluster joining, first step building (warm start: 1 of 2 processes)"
+    warm.feed(_ev("attempt", attempt=2))  # a new attempt starts its own processes
+    for w in range(2):
+        warm.feed(_ev("started", w, role="worker", warm=True))
+    warm.feed(_ev("step", 0, step=1, metrics={"loss": 1.0}))
+    assert warm.phase == "training (warm start)"

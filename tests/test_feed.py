@@ -164,7 +164,7 @@ for inputs in ("matrix", "dict"):
 """
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_fit_with_validation_over_the_spill_does_not_crash(tmp_path):
     import subprocess
     import sys
@@ -261,3 +261,49 @@ def test_a_resumed_pass_skips_the_rows_trained_before_in_the_same_shuffled_order
     assert resumed.next_pass_rows() is None  # not known while the stream is unread
     np.testing.assert_array_equal(_order(resumed), whole[1500:])
     assert resumed.next_pass_rows() == 5000, "the skip holds for one pass only"
+
+
+def test_later_epochs_that_fit_read_memory_every_row_in_a_new_order(tmp_path):
+    """--memory-cache: the first pass streams; the later ones come from memory, each a full
+    permutation (rows of the first fifth from anywhere, not only nearby blocks), the same
+    one for the same seed and epoch, and a resumed pass skips exactly the rows before."""
+    def feed(name, **kw):
+        return ArrowFeed(_stream(_batches()), _spec(), _dir(tmp_path, name), shuffle_rows=1000,
+                         seed=("job", 1, 0), memory_cache_bytes=2**20, **kw)
+
+    cached = feed("cached")
+    passes = [_order(cached) for _ in range(3)]
+    assert cached.cache_state == "memory"
+    for order in passes:
+        np.testing.assert_array_equal(np.sort(order), np.arange(5000, dtype=np.float32))
+    assert not np.array_equal(passes[1], passes[2]), "each epoch takes a new order"
+    # A full permutation: where the rows of a 250-row step came from spreads over the pass.
+    assert all(np.ptp(order[:250]) > 4000 for order in passes[1:])
+    # Rows and labels stay paired.
+    x, y, _ = _rows(cached.dataset(250))
+    np.testing.assert_array_equal(x[:, 0] * 2, y)
+    again = feed("again")
+    _order(again)
+    np.testing.assert_array_equal(_order(again), passes[1])
+    resumed = feed("resumed")
+    _order(resumed)
+    resumed.epoch = 1  # the epoch of passes[1], resumed 1,700 rows in
+    resumed.skip_next_pass(1700)
+    np.testing.assert_array_equal(_order(resumed), passes[1][1700:])
+    # In order without shuffling, and the same rows as the spill gives.
+    plain = ArrowFeed(_stream(_batches()), _spec(), _dir(tmp_path, "plain"), memory_cache_bytes=2**20)
+    for _ in range(3):
+        np.testing.assert_array_equal(_order(plain), np.arange(5000, dtype=np.float32))
+    assert plain.cache_state == "memory"
+
+
+def test_rows_over_the_memory_cache_keep_reading_the_spill(tmp_path, capfd):
+    small = ArrowFeed(_stream(_batches()), _spec(), _dir(tmp_path, "small"), shuffle_rows=1000,
+                      seed=("job", 1, 0), memory_cache_bytes=10_000)  # 5,000 rows x 12 bytes do not fit
+    for _ in range(2):
+        assert sorted(_order(small)) == list(range(5000))
+    assert small.cache_state == "spill" and small._cache is None
+    assert "more than --memory-cache" in capfd.readouterr().out
+    off = ArrowFeed(_stream(_batches()), _spec(), _dir(tmp_path, "off"))
+    _order(off), _order(off)
+    assert off.cache_state == "spill"

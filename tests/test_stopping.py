@@ -1,5 +1,5 @@
 """The stop agreement of tfprocess/stopping.py: pure logic, driven step by step. The real
-stop (a kernel interrupt, %tfos_stop) runs in test_interrupt.py and test_background.py."""
+stop (a kernel interrupt, %tfos_stop) runs in test_processes.py."""
 
 from tfos_magic.tfprocess.stopping import MIN_LEAD_STEPS, StopSignal
 

@@ -18,7 +18,8 @@ import socketserver
 import threading
 from typing import Any, Callable, NamedTuple
 
-from ..protocol.channel import MAX_LINE_BYTES, PROTOCOL_VERSION, LineReader, LineTooLong, decode, encode
+from ..protocol.channel import (MAX_LINE_BYTES, PROTOCOL_VERSION, SPARES_JOB, LineReader, LineTooLong, decode,
+                                encode)
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,19 @@ class DriverChannel:
             if channel is None:
                 channel = cls._instances[bind_host] = cls(bind_host)
             return channel
+
+    def spare_token(self) -> str:
+        """The token spare TF processes listen with (task/spares.py); registered on first use."""
+        with self._lock:
+            entry = self._jobs.get(SPARES_JOB)
+        return entry.token.decode() if entry is not None else self.retire_spares()
+
+    def retire_spares(self) -> str:
+        """End every spare TF process: their connections close, which each watches, and the
+        token any spare started meanwhile would connect with is refused. A stop, an
+        interrupt or a failure calls this, so that no TF process outlives them. The new
+        token is returned."""
+        return self.register(SPARES_JOB, lambda _event: None)
 
     def register(self, job: str, sink: Sink, requests: Handler | None = None) -> str:
         """Accept events (and requests, e.g. the embedded registry's) for `job` with a fresh

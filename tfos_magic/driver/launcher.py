@@ -285,24 +285,29 @@ def _run(planned: _Planned, store: JobStore, observers: JobObserver, origin: Run
                 store.write_state(name, attempt=attempt, job_group=group)
                 observers.on_event({"kind": "attempt", "attempt": attempt, "job_group": group})
                 try:
-                    _attempt(planned.backend, planned.frame, plan.for_attempt(attempt, token), planned.profile, monitor,
+                    _attempt(planned.backend, planned.frame, plan.for_attempt(attempt, token, channel.spare_token()),
+                             planned.profile, monitor,
                              expected, group, observers,
                              StopControl(stop, lambda: channel.control(name, {"control": "stop"})))
                     break
                 except AttemptFailed as exc:
+                    channel.retire_spares()  # no TF process outlives a failure
                     if not exc.retryable or attempt > opts.max_restarts:
                         store.write_state(name, error_file=exc.details_file)
                         raise JobFailed(f"Job {name!r} failed: {exc}"
                                         + (f" (after {attempt - 1} restart(s))" if attempt > 1 else "")) from None
                     observers.on_attempt_failed(attempt, str(exc))
     except KeyboardInterrupt:
+        channel.retire_spares()  # no TF process, spare or not, outlives an interrupt, a stop or a failure
         observers.on_end(store.write_state(name, state="stopped", ended=time.time(), error="interrupted by the user"))
         raise
     except JobStopped:
+        channel.retire_spares()
         final = store.write_state(name, state="stopped", ended=time.time(), error="stopped on request")
         observers.on_end(final)
         return final
     except BaseException as exc:  # a TfosError, or anything from Spark or the store: never left `running`
+        channel.retire_spares()
         observers.on_end(store.write_state(name, state="failed", ended=time.time(), error=_error_text(exc)))
         raise
     finally:

@@ -45,6 +45,20 @@ _TRANSIENT = (ConnectionError, TimeoutError)
 _RECV_BYTES = 1 << 16
 
 
+# The name spare TF processes listen under (task/spares.py): no job can have it (job names
+# are file names, protocol/paths.py), and its token is the notebook's, not a job's.
+SPARES_JOB = "tfos:spares"
+
+
+def hold_listener(address: str, job: str, token: str, timeout: float) -> socket.socket:
+    """A listening connection and nothing else: one try, and the socket once the notebook
+    said yes. The holder only watches it: whatever arrives, or its closing, ends the wait.
+    Raises OSError (ChannelRefused for a token the notebook no longer takes)."""
+    host, _, port = address.rpartition(":")
+    sock, _ = _hello_once(host, int(port), encode(hello(job, token, listen=True)), timeout)
+    return sock
+
+
 def hello(job: str, token: str, listen: bool = False) -> dict[str, Any]:
     """The client's first line."""
     return {"v": PROTOCOL_VERSION, "job": job, "token": token, "listen": listen}

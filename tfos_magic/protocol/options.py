@@ -67,9 +67,18 @@ class TrainOptions:
     checkpoint_every_steps: int = option(0, "also checkpoint every N global steps (always every epoch); "
                                          "a failure loses at most this many steps", type=int, metavar="N",
                                          env="TFOS_CHECKPOINT_EVERY_STEPS", minimum=0)
-    shuffle: int = option(65536, "rows each worker's feed mixes at a time; every later epoch also reads the "
-                          "spilled rows in a new order of 1,024-row blocks; seeded by job, run, worker and epoch; "
-                          "0 keeps the DataFrame's order", type=int, metavar="ROWS", env="TFOS_SHUFFLE", minimum=0)
+    shuffle: int = option(65536, "rows each worker's feed mixes at a time as they stream in; later epochs take "
+                          "every row in a new order (from memory, see --memory-cache) or the spill's 1,024-row "
+                          "blocks in a new order, mixed again; seeded by job, run, worker and epoch; 0 keeps the "
+                          "DataFrame's order", type=int, metavar="ROWS", env="TFOS_SHUFFLE", minimum=0)
+    memory_cache: int = option(512, "MiB of training rows a worker keeps in memory, decoded once, for its "
+                               "epochs after the first (each epoch all rows in a new order, when shuffling); a larger "
+                               "partition reads its local spill every epoch; 0 always reads the spill", type=int, metavar="MIB", env="TFOS_MEMORY_CACHE",
+                               minimum=0)
+    warm_start: int = option(300, "seconds a spare TF process (TensorFlow loaded, nothing else), left in each "
+                             "Spark Python worker whose TF task succeeded, waits for the next task there: a re-run "
+                             "starts warm; 0: no spares, every task starts its own TF process",
+                             type=int, metavar="SECONDS", env="TFOS_WARM_START", minimum=0)
     sample_weight: str | None = option(None, "a numeric column of per-row weights for the loss and metrics "
                                        "(Keras' sample_weight); streamed with the features", metavar="COL")
     class_weight: dict[int, float] | None = option(None, "weights of the label's classes in the loss, as Keras' "

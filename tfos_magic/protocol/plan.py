@@ -20,6 +20,7 @@ from .feed_spec import FeedSpec
 from .options import TrainOptions
 
 TOKEN_ENV = "TFOS_CHANNEL_TOKEN"
+SPARE_TOKEN_ENV = "TFOS_SPARE_TOKEN"  # a spare's, to listen as one (task/spares.py)
 ZK_AUTH_ENV = "TFOS_REGISTRY_AUTH"
 
 
@@ -62,6 +63,7 @@ class TaskPlan:
     log_dir: str = ""  # TensorBoard event files (chief only); "" for none
     attempt: int = 0
     token: str = ""
+    spare_token: str = ""  # what the spares this job leaves listen with (task/spares.py); "": none
     # Fault injection for recovery tests (tfprocess/failpoints.py): from the kernel's
     # TFOS_FAILPOINT, so that it reaches the TF processes on any cluster. None in use.
     failpoint: str | None = None
@@ -74,8 +76,8 @@ class TaskPlan:
     def strategy(self) -> str:
         return self.options.strategy
 
-    def for_attempt(self, attempt: int, token: str) -> "TaskPlan":
-        return dataclasses.replace(self, attempt=attempt, token=token)
+    def for_attempt(self, attempt: int, token: str, spare_token: str = "") -> "TaskPlan":
+        return dataclasses.replace(self, attempt=attempt, token=token, spare_token=spare_token)
 
     def with_array_lengths(self, lengths: dict[str, int]) -> "TaskPlan":
         return dataclasses.replace(self, feed=dataclasses.replace(self.feed, array_lengths=dict(lengths)))
@@ -88,6 +90,7 @@ class TaskPlan:
         out["env"] = dataclasses.asdict(self.env)
         if not secrets:
             out["token"] = None
+            out["spare_token"] = ""
             out["registry"]["auth"] = None
         return out
 

@@ -37,10 +37,11 @@ from ..protocol.net import TF_REUSE_PORT_ENV, ReservedPort
 from ..protocol.paths import local_path, unshared_checkpoint_dir
 from ..protocol.plan import EnvPlan, TaskConfig, TaskPlan
 from ..protocol.versions import mismatch, probe_source
+from . import spares
 
 RESULT_SCHEMA = pa.schema([("worker", pa.int64()), ("result", pa.string())])
 RESULT_DDL = "worker long, result string"
-CHILD_MODULE = "tfos_magic.tfprocess.child"
+CHILD_MODULE = spares.CHILD_MODULE
 PROBE_TIMEOUT = 60.0
 # Pythons this Spark worker has checked against a kernel's versions (Spark reuses its
 # Python workers, so a job's later tasks and attempts skip the probe).
@@ -246,6 +247,11 @@ def tf_python(env: EnvPlan) -> str:
     return python
 
 
+def tf_env() -> dict[str, str]:
+    """Every TF process's environment before its task's own (secrets, GPUs, TF_CONFIG)."""
+    return dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", **TF_REUSE_PORT_ENV)
+
+
 class TFProcess:
     """This task's TF process, started before its config exists so that it imports
     TensorFlow while the task still peeks at its first batch and agrees the cluster; it
@@ -255,14 +261,23 @@ class TFProcess:
 
     def __init__(self, plan: TaskPlan, role: str, index: int, host: str, env: dict[str, str]) -> None:
         python = tf_python(plan.env)  # first: a refused environment leaves no work dir behind
+        self.plan, self.python = plan, python
         self.workdir = tempfile.mkdtemp(prefix=f"tfos-{plan.job}-{role}{index}-")
         self.config = TaskConfig(plan, role, index, plan.options.workers, host, self.workdir)
-        env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", **TF_REUSE_PORT_ENV,
-                   **self.config.secret_env(), **env)
+        task_env = {**self.config.secret_env(), **env}
+        self.gpus = "CUDA_VISIBLE_DEVICES" in env
+        spare = spares.take(plan, python, gpus=self.gpus)
+        # TensorFlow already imported: the spare gets what a fresh process would.
+        self.warm = spare is not None and spares.hand_over(
+            spare, self.config.config_path, plan.options.start_timeout, self.config.log_path, task_env)
+        if self.warm:
+            self.process = spare
+            return
         with open(self.config.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [python, "-m", CHILD_MODULE, self.config.config_path, str(plan.options.start_timeout)],
-                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=dict(tf_env(), **task_env),
+                preexec_fn=_die_with_parent)
 
     def __enter__(self) -> "TFProcess":
         return self
@@ -273,6 +288,9 @@ class TFProcess:
             self.process.wait()
         if not os.environ.get("TFOS_KEEP_WORKDIR"):
             shutil.rmtree(self.workdir, ignore_errors=True)
+        # Succeeded: a warm start for the next task here (not for GPU tasks: see spares.py).
+        if exc[0] is None and self.process.returncode == 0 and not self.gpus:
+            spares.start(self.plan, self.python, tf_env(), _die_with_parent)
 
     def run(self, plan: TaskPlan, num_workers: int, env: dict[str, str], first: pa.RecordBatch | None,
             rest: Iterator[pa.RecordBatch]) -> pa.RecordBatch:

@@ -1,10 +1,12 @@
 """Runs in the TF process: this worker's Arrow stream into tf.data.
 
 The first pass reads the Arrow IPC stream from the Spark task as it arrives and
-spills each batch to a local Arrow IPC file; later passes (epochs) memory-map the
-spill instead of asking Spark again. Memory holds a few Arrow batches at a time.
-Each Arrow batch becomes numpy arrays with no per-row Python, and `rebatch` in
-tf.data cuts them to the batch size.
+spills each batch to a local Arrow IPC file; later passes (epochs) never ask Spark
+again. A worker whose training rows fit --memory-cache decodes the spill once into
+numpy arrays and feeds every later pass from them, all rows in a new order each epoch,
+with no file read and no Arrow decoding. Larger partitions memory-map the spill
+every pass, holding a few Arrow batches at a time. Each Arrow batch becomes numpy
+arrays with no per-row Python, and `rebatch` in tf.data cuts them to the batch size.
 """
 
 from __future__ import annotations
@@ -23,12 +25,35 @@ from ..protocol.feed_spec import MATRIX, SPLIT_COLUMN, ColumnSpec, FeedError, Fe
 from .shuffle import SPILL_BLOCK_ROWS, rng_for, shuffled
 
 
+# Rows a later pass from memory hands tf.data at a time.
+MEMORY_CHUNK_ROWS = 65536
+
+
+def _leaves(element: Any) -> list[np.ndarray]:
+    """The arrays of one element: x (an array or a dict of them), y, weight."""
+    parts = element if isinstance(element, tuple) else (element,)
+    return [a for p in parts for a in (p.values() if isinstance(p, dict) else (p,))]
+
+
+def _map(element: Any, fn: Any) -> Any:
+    """`fn` on every array of an element, keeping its structure."""
+    if isinstance(element, tuple):
+        return tuple(_map(p, fn) for p in element)
+    if isinstance(element, dict):
+        return {k: fn(v) for k, v in element.items()}
+    return fn(element)
+
+
 class ArrowFeed:
     """Turns one worker's Arrow IPC stream into re-iterable tf.data datasets."""
 
     def __init__(self, source: BinaryIO, spec: FeedSpec, spill_dir: str, shuffle_rows: int = 0,
-                 seed: tuple[str, int, int] = ("", 0, 0), class_weight: dict[int, float] | None = None) -> None:
+                 seed: tuple[str, int, int] = ("", 0, 0), class_weight: dict[int, float] | None = None,
+                 memory_cache_bytes: int = 0) -> None:
         self.spec = spec
+        self.memory_cache_bytes = memory_cache_bytes  # 0: every pass reads the spill
+        self._cache: Any = None  # the training rows as numpy (x, y[, w]), once decoded
+        self.cache_state = "none"  # "memory" once later passes come from memory, "spill" if too large
         self.class_weight = class_weight  # label class -> weight, on training rows only (as Keras)
         self.shuffle_rows = shuffle_rows  # 0: rows in the stream's order, every epoch
         self._seed = seed  # (job, run, worker): with the epoch, which order a pass takes
@@ -134,10 +159,11 @@ class ArrowFeed:
             if batch.num_rows:
                 yield batch
 
-    def batches(self, split: str = "train") -> Iterator[pa.RecordBatch]:
-        """One pass: the live stream the first time, the local spill afterwards. Training
-        passes are shuffled (--shuffle): the stream through a buffer, the spill's blocks in
-        a new order and through the buffer, seeded by the job, run, worker and epoch."""
+    def batches(self, split: str = "train") -> Iterator[Any]:
+        """One pass: the live stream the first time, then memory (numpy, when the training
+        rows fit --memory-cache) or the local spill (Arrow batches). Training passes are
+        shuffled (--shuffle): the stream through a buffer, memory all at once, the spill's
+        blocks in a new order and through the buffer; seeded by job, run, worker and epoch."""
         untouched = self._reader is None and not self._done
         rng = None
         if split == "train":
@@ -147,10 +173,49 @@ class ArrowFeed:
         if split == "train" and untouched and not self._first_pass_taken:
             self._first_pass_taken = True
             source = self._streamed()
+        elif split == "train" and self._cached():
+            yield from self._from_memory(rng)
+            return
         else:
             self.drain()
             source = self._spilled(split, rng)
         yield from (source if rng is None else shuffled(source, self.shuffle_rows, rng))
+
+    # --- later passes from memory ---------------------------------------
+    def _cached(self) -> bool:
+        """Whether this pass reads memory: decodes the spill the first time it fits."""
+        if self._cache is None and self.cache_state == "none":
+            self.drain()
+            path = self._spill_paths["train"]
+            size = os.path.getsize(path) if os.path.exists(path) else 0
+            if not size or size > self.memory_cache_bytes:
+                self.cache_state = "spill"
+                if size:
+                    print(f"tfos: later epochs read the spill: {size / 2**20:.0f} MiB of training rows is more "
+                          f"than --memory-cache {self.memory_cache_bytes / 2**20:.0f} MiB", flush=True)
+                return False
+            with pa.memory_map(path) as source:
+                table = pa.ipc.open_file(source).read_all().combine_chunks()
+            whole = table.to_batches(max_chunksize=table.num_rows)[0]
+            self._cache = self._arrays.to_numpy(whole)  # copies: owned, writable memory
+            self.cache_state = "memory"
+            print(f"tfos: later epochs read this worker's {table.num_rows:,} training rows from memory "
+                  f"({size / 2**20:.0f} MiB)", flush=True)
+        return self._cache is not None
+
+    def _from_memory(self, rng: np.random.Generator | None) -> Iterator[Any]:
+        """The cached rows as numpy chunks: every row in `rng`'s order (a full shuffle, not a
+        window), else in the spill's order. Chunks, not one element: tf.data's rebatch starts
+        on the first while the next is gathered."""
+        leaves = _leaves(self._cache)
+        rows = len(leaves[0])
+        order = None if rng is None else rng.permutation(rows)
+        for at in range(0, rows, MEMORY_CHUNK_ROWS):
+            if order is None:  # a copy: TF may write into memory it is handed (see BatchArrays.column)
+                yield _map(self._cache, lambda a: a[at:at + MEMORY_CHUNK_ROWS].copy())
+            else:
+                take = order[at:at + MEMORY_CHUNK_ROWS]
+                yield _map(self._cache, lambda a: a[take])
 
     def sample(self, rows: int) -> Any:
         """The features of this worker's first `rows` training rows (None if it had none):
@@ -235,14 +300,17 @@ class ArrowFeed:
             skip, self._skip_rows = (self._skip_rows, 0) if split == "train" else (0, self._skip_rows)
             delivered = 0
             for batch in self.batches(split):
+                arrow = isinstance(batch, pa.RecordBatch)  # else numpy already (from memory)
+                rows = batch.num_rows if arrow else len(_leaves(batch)[0])
                 if skip:  # rows an earlier attempt trained on in this epoch (skip_next_pass)
-                    if batch.num_rows <= skip:
-                        skip -= batch.num_rows
+                    if rows <= skip:
+                        skip -= rows
                         continue
-                    batch, skip = batch.slice(skip), 0
-                self.rows_delivered += batch.num_rows
-                delivered += batch.num_rows
-                yield self.to_numpy(batch)
+                    batch = batch.slice(skip) if arrow else _map(batch, lambda a, s=skip: a[s:])
+                    rows, skip = rows - skip, 0
+                self.rows_delivered += rows
+                delivered += rows
+                yield self.to_numpy(batch) if arrow else batch
             if split == "train":
                 self.last_pass_rows = delivered
 
@@ -250,7 +318,12 @@ class ArrowFeed:
         ds = ds.rebatch(batch_size)
         if self.class_weight and split == "train" and self.spec.label is not None:
             ds = ds.map(self._weigh_classes, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.prefetch(tf.data.AUTOTUNE)
+        return self._finish(ds.prefetch(tf.data.AUTOTUNE))
+
+    @staticmethod
+    def _finish(ds: Any) -> Any:
+        import tensorflow as tf
+
         options = tf.data.Options()
         # Each worker already holds only its own partition: never shard it again.
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF

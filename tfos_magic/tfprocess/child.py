@@ -6,6 +6,8 @@ stream on stdin, runs the user's cell, and leaves a result file for the feeding 
 Usage: python -m tfos_magic.tfprocess.child CONFIG.json [WAIT_S] (secrets in the
 environment: protocol/plan.py). It imports TensorFlow first, then waits up to WAIT_S
 seconds for CONFIG.json, which the Spark task writes once the cluster is agreed.
+Or `--spare IDLE_S CHANNEL`: a spare for a warm start (task/spares.py), which gets the
+same from the first line of its stdin when a task takes it.
 """
 
 from __future__ import annotations
@@ -14,17 +16,18 @@ import faulthandler
 import io
 import json
 import os
+import select
 import socket
 import sys
 import threading
 import time
 from typing import Any
 
-from ..protocol.channel import REACH_HINT, ChannelClient
+from ..protocol.channel import REACH_HINT, SPARES_JOB, ChannelClient, hold_listener
 from ..protocol.events import make_event
 from ..protocol.logs import log_tail
 from ..protocol.net import ReservedPort
-from ..protocol.plan import TaskConfig
+from ..protocol.plan import SPARE_TOKEN_ENV, TaskConfig
 from .failpoints import Failpoint
 from .failures import failure
 from .peers import wait_reachable, watch_reachable
@@ -166,8 +169,10 @@ def run(config: TaskConfig) -> dict[str, Any]:
         return {"status": "error", "error": f"TF {role} {index} {channel.error}. {REACH_HINT}", "sent": False}
     # The GPUs Spark gave this task (task/feeder.py), for the dashboard; None: not assigned.
     # And the Python it runs: the executors' own, or the job's --env (docs/deploy.md).
+    # `warm`: this process was a spare, TensorFlow loaded before the job began (task/spares.py).
     channel.send(make_event("started", index, role=role, pid=os.getpid(),
-                            gpus=os.environ.get("CUDA_VISIBLE_DEVICES"), python=sys.executable))
+                            gpus=os.environ.get("CUDA_VISIBLE_DEVICES"), python=sys.executable,
+                            warm=_WARM["spare"], rss_mib=_WARM["rss_mib"]))
     failpoint = Failpoint(plan.failpoint, index, plan.attempt, role)
     failpoint.hit("startup")
     sys.stdout = _PrintsToNotebook(sys.stdout, channel, index, role)
@@ -277,7 +282,8 @@ def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup:
         _watch_peers(config, channel)
         strategy = allreduce_strategy(tf, config.num_workers)
     feed = ArrowFeed(sys.stdin.buffer, plan.feed, config.workdir, shuffle_rows=opts.shuffle,
-                     seed=(plan.job, plan.run, config.index), class_weight=_class_weight(namespace, opts))
+                     seed=(plan.job, plan.run, config.index), class_weight=_class_weight(namespace, opts),
+                     memory_cache_bytes=opts.memory_cache * 2**20)
     ctx = (ps_train.PSContext if ps_mode else TrainContext)(
         job=plan.job, strategy=strategy, feed=feed, worker_index=config.index, num_workers=config.num_workers,
         checkpoint_dir=plan.checkpoint_dir, options=opts, channel=channel, log_dir=plan.log_dir, stop=stop,
@@ -322,18 +328,64 @@ def _class_weight(namespace: dict[str, Any], opts: Any) -> dict[int, float] | No
     return {int(k): float(v) for k, v in weights.items()} if weights else None
 
 
-def main(argv: list[str]) -> int:
-    # A crash in native code (TF, Arrow) leaves the Python stack in the log, which the
-    # Spark task sends to the notebook's errors/ dir.
-    faulthandler.enable()
-    # Imported before the config exists: the Spark task writes it after its first batch
-    # and the cluster agreement, which this import (seconds of CPU) now overlaps.
+_WARM: dict[str, Any] = {"spare": False, "rss_mib": None}
+
+
+def _import_tensorflow() -> None:
     try:
         import tensorflow  # noqa: F401
     except BaseException:  # noqa: BLE001 - raised again where run() imports it, and reported from there
         pass
 
-    config = TaskConfig.wait(argv[1], timeout=float(argv[2]) if len(argv) > 2 else 600.0)
+
+def _rss_mib() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def _wait_as_spare(idle_s: float, channel_address: str) -> tuple[str, float]:
+    """A spare (task/spares.py): TensorFlow imported, then wait for a task's hand-over on
+    stdin. Ends, without a word, after `idle_s` seconds, when the notebook closes its
+    spare connection (retired, or gone) and when its Spark worker closes the pipe."""
+    token = os.environ.pop(SPARE_TOKEN_ENV, "")
+    try:
+        notebook = hold_listener(channel_address, SPARES_JOB, token, timeout=10.0)
+    except OSError:
+        os._exit(0)  # refused (retired meanwhile) or unreachable: nobody could retire it
+    _import_tensorflow()
+    ready, _, _ = select.select([sys.stdin.buffer, notebook], [], [], idle_s)
+    if sys.stdin.buffer not in ready or notebook in ready:
+        os._exit(0)
+    line = sys.stdin.buffer.readline()
+    if not line:
+        os._exit(0)  # the Spark worker went away
+    notebook.close()
+    handover = json.loads(line)
+    log = os.open(handover["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    os.environ.update(handover["env"])
+    _WARM.update(spare=True, rss_mib=_rss_mib())
+    return handover["config"], float(handover["wait"])
+
+
+def main(argv: list[str]) -> int:
+    # A crash in native code (TF, Arrow) leaves the Python stack in the log, which the
+    # Spark task sends to the notebook's errors/ dir.
+    faulthandler.enable()
+    if argv[1] == "--spare":
+        config_path, wait_s = _wait_as_spare(float(argv[2]), argv[3])
+    else:
+        # Imported before the config exists: the Spark task writes it after its first batch
+        # and the cluster agreement, which this import (seconds of CPU) now overlaps.
+        _import_tensorflow()
+        config_path, wait_s = argv[1], float(argv[2]) if len(argv) > 2 else 600.0
+
+    config = TaskConfig.wait(config_path, timeout=wait_s)
     os.environ.update(config.env)
     result = run(config)
     tmp = config.result_path + ".tmp"

@@ -81,6 +81,7 @@ class DashboardModel:
     rows: int = 0  # rows streamed so far in this run (all workers)
     rows_per_s: float | None = None
     started_tasks: set[tuple[str, int]] = field(default_factory=set)
+    warm_tasks: set[tuple[str, int]] = field(default_factory=set)  # TF processes that were spares (warm starts)
     spark_tasks: tuple[int, int] | None = None  # (done, total) of the Spark stage computing the data
     loss: dict[int, Series] = field(default_factory=dict)  # worker -> (step, loss)
     val_loss: Series = field(default_factory=Series)  # (step, val_loss) at each epoch end
@@ -115,16 +116,29 @@ class DashboardModel:
 
     def _on_attempt(self, e: dict[str, Any]) -> None:
         self.attempt = int(e.get("attempt", self.attempt))
-        self.started_tasks = set()
+        self.started_tasks, self.warm_tasks = set(), set()
         self.phase = f"attempt {self.attempt}: starting Spark tasks"
 
     def _on_started(self, e: dict[str, Any]) -> None:
         self.state = "running"
-        self.started_tasks.add((e.get("role", "worker"), int(e.get("worker", 0))))
+        task = (e.get("role", "worker"), int(e.get("worker", 0)))
+        self.started_tasks.add(task)
+        if e.get("warm"):
+            self.warm_tasks.add(task)
         want = self.workers + self.ps
         if self.first_step_at is None:
             self.phase = (f"TF processes starting: {len(self.started_tasks)} of {want}" if len(self.started_tasks) < want
-                          else "TF cluster joining, first step building")
+                          else "TF cluster joining, first step building") + self._start_note()
+
+    def _start_note(self, training: bool = False) -> str:
+        """Whether the TF processes started warm (spares with TensorFlow loaded) or cold;
+        once training, said only of a warm start."""
+        if not self.started_tasks:
+            return ""
+        warm, started = len(self.warm_tasks & self.started_tasks), len(self.started_tasks)
+        if not warm:
+            return "" if training else " (cold start: each process loads TensorFlow)"
+        return " (warm start)" if warm == started else f" (warm start: {warm} of {started} processes)"
 
     def _on_training(self, e: dict[str, Any]) -> None:
         if int(e.get("worker", 0)) == 0:
@@ -143,7 +157,7 @@ class DashboardModel:
         step = e.get("step")
         if self.first_step_at is None:
             self.first_step_at = float(e.get("time", time.time()))
-        self.phase = "training"
+        self.phase = "training" + self._start_note(training=True)
         if step is not None:
             if worker == 0:
                 self.step = max(self.step, int(step))
