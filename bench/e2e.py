@@ -37,7 +37,11 @@ steps_per_execution: what tfos's feed, callback and events cost over the bare st
 Also printed: the tfos 1-worker job's start-up, from the launch() call to its first training
 step (worker 0's events: `started` when the TF process is up, `training` when the model is
 built, and the first `step` event, which TfosCallback sends after the first batch since its
-Throttle fires at once), on a Spark session warmed by a tiny job first.
+Throttle fires at once), on a Spark session warmed by a tiny job first; and, first of all on
+the new session, the same small job run --startup-runs times as a user re-runs a cell: the
+session's first (cold), re-runs --rerun-pause seconds apart (warm: each takes the spare TF
+process the last one left, task/spares.py), and one at once after the last.
+With --repeats N, the plain 512 and tfos w1 rows run N times in turn and print every pair.
 
 Under the table: per tfos row, the callback's rate against all rows over the time between the
 chief's last two epoch events (a lower bound: it also holds a checkpoint and the next fit's
@@ -47,6 +51,7 @@ batches. A run that fails becomes a `failed` row with its reason; the others sti
 Baselines run as fresh subprocesses of this script (`--child ...`), killed on error or timeout.
 
 Usage: .venv/bin/python bench/e2e.py [--rows N] [--workload mlp|fm|both] [--epochs E] [--quick]
+                                     [--repeats N] [--startup-runs N] [--rerun-pause S]
 """
 
 from __future__ import annotations
@@ -417,7 +422,7 @@ LABELS = {
 
 
 def bench_workload(spark: Any, store: Any, work: Path, workload: str, rows: int, epochs: int,
-                   timeout: float) -> dict[str, dict[str, Any]]:
+                   timeout: float, repeats: int = 1) -> dict[str, dict[str, Any]]:
     """Every path on one workload, in LABELS' order: {path: {rate, steps, want, ...}}."""
     cols = make_data(workload, rows)
     data = work / f"{workload}.npz"
@@ -438,10 +443,16 @@ def bench_workload(spark: Any, store: Any, work: Path, workload: str, rows: int,
         run["want"] = -(-(-(-rows // workers)) // BATCH)  # round-robin partitions: the larger one's batches
         return run
 
-    done("plain 512", lambda: bench_plain(workload, data, work, BATCH, epochs, timeout))
-    done("plain 1024", lambda: bench_plain(workload, data, work, 2 * BATCH, epochs, timeout))
     df1 = frame(spark, cols, 1)
-    done("tfos w1", lambda: tfos(df1, 1))
+    # Side by side: with repeats, the plain process and the tfos job take turns.
+    for i in range(repeats):
+        done(f"plain 512#{i}", lambda: bench_plain(workload, data, work, BATCH, epochs, timeout))
+        done(f"tfos w1#{i}", lambda: tfos(df1, 1))
+    for key in ("plain 512", "tfos w1"):  # the median run's row, with every run's rate in run order
+        tries = [runs.pop(f"{key}#{i}") for i in range(repeats)]
+        good = sorted((r for r in tries if "error" not in r), key=lambda r: r["rate"])
+        runs[key] = {**good[len(good) // 2], "rates": [r.get("rate") for r in tries]} if good else tries[0]
+    done("plain 1024", lambda: bench_plain(workload, data, work, 2 * BATCH, epochs, timeout))
     df1.unpersist()
     df2 = frame(spark, cols, 2)
     done("tfos w2", lambda: tfos(df2, 2))
@@ -469,6 +480,10 @@ def print_workload(workload: str, runs: dict[str, dict[str, Any]], epochs: int) 
         vs_plain = f"{run['rate'] / plain:12.2f}x" if plain else ""
         bare = f"{run['rate'] / run['bare']:12.2f}x" if "bare" in run else ""
         print(f"{LABELS[key]:44} {run['rate']:12,.0f} {vs_plain:>13} {bare:>13}".rstrip())
+    pairs = list(zip(runs["plain 512"].get("rates", []), runs["tfos w1"].get("rates", [])))
+    if len(pairs) > 1:
+        print("  plain 512 and tfos w1 run in turn (the medians shown): "
+              + "; ".join(f"{t:,.0f} vs {p:,.0f} = {t / p:.2f}x" if t and p else "failed" for p, t in pairs))
     w1 = runs["tfos w1"]
     if "error" not in w1:
         print(f"tfos --workers 1 start-up after launch(): TF process up {w1['started']:.1f}s, "
@@ -485,6 +500,40 @@ def print_workload(workload: str, runs: dict[str, dict[str, Any]], epochs: int) 
             print(f"  note {key}: {run['steps']} steps in epoch {epochs}, its data makes {run['want']} batches")
         if run.get("end_agreed") is not None:
             print(f"  note {key}: end of data agreed by the workers each step: {run['end_agreed']}")
+
+
+STARTUP_ROWS = 50_000
+
+
+def bench_startup(spark: Any, store: Any, runs: int, timeout: float, pause: float) -> list[dict[str, float]]:
+    """The same 1-worker job (mlp, STARTUP_ROWS cached rows, one epoch) `runs` times on this
+    session, as a user re-runs a cell: the first is the session's first TF job (cold), the
+    others re-runs `pause` seconds after the last ended (a user reading the result and
+    editing the cell; the spare its task left loads TensorFlow meanwhile), and one more at
+    once (its spare still loading). Each: seconds from launch() to the first training step."""
+    cols = [f"cast(rand({i}) as float) as {c}" for i, c in enumerate(MLP_FEATURES)] + ["cast(rand(99) as float) as y"]
+    df = spark.range(STARTUP_ROWS, numPartitions=1).selectExpr(*cols).cache()
+    df.count()
+    out = []
+    for i in range(runs + 1):
+        wait = pause if 0 < i < runs else 0.0
+        time.sleep(wait)
+        run = bench_tfos(spark, df, store, "mlp", 1, 1, STARTUP_ROWS, timeout)
+        out.append({"pause": wait, **{k: run[k] for k in ("started", "training", "first_step")}})
+        print(f"  start-up run {i + 1}: first step {run['first_step']:.1f}s after launch()", file=sys.stderr, flush=True)
+    df.unpersist()
+    return out
+
+
+def print_startup(runs: list[dict[str, float]]) -> None:
+    print(f"\nstart-up, the same 1-worker job run {len(runs)} times on one session (launch() -> first step; "
+          "run 1 is the session's first TF job, the last follows the one before at once)")
+    print(f"{'run':>4} {'after a pause':>14} {'TF process up':>14} {'model built':>12} {'first step':>11}")
+    for i, r in enumerate(runs, 1):
+        print(f"{i:>4} {r['pause']:13.0f}s {r['started']:13.1f}s {r['training']:11.1f}s {r['first_step']:10.1f}s")
+    later = [r["first_step"] for r in runs[1:-1]]
+    if later:
+        print(f"re-runs after a pause: first step {min(later):.1f}-{max(later):.1f}s")
 
 
 def warm_up(spark: Any, store: Any, timeout: float) -> None:
@@ -506,6 +555,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="epochs; the last one is timed")
     ap.add_argument("--quick", action="store_true", help="small sizes, a smoke test")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds any one run may take")
+    ap.add_argument("--startup-runs", type=int, default=3,
+                    help="runs of the start-up job after a pause, the first cold (0: none); one more follows at once")
+    ap.add_argument("--rerun-pause", type=float, default=10.0, help="seconds between start-up runs")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="times the plain 512 and tfos w1 rows run (their spread is printed)")
     args = ap.parse_args()
     rows = args.rows or (20_000 if args.quick else 400_000)
     workloads = WORKLOADS if args.workload == "both" else (args.workload,)
@@ -516,11 +570,14 @@ def main() -> None:
     spark = spark_session()
     results = {}
     try:
+        # First: the session is new. Nothing else runs meanwhile.
+        startup = bench_startup(spark, store, args.startup_runs, args.timeout, args.rerun_pause) \
+            if args.startup_runs else []
         t0 = time.perf_counter()
         warm_up(spark, store, args.timeout)
         print(f"  warm-up job: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
         for w in workloads:
-            results[w] = bench_workload(spark, store, work, w, rows, args.epochs, args.timeout)
+            results[w] = bench_workload(spark, store, work, w, rows, args.epochs, args.timeout, args.repeats)
     except BaseException:
         print(f"failed; the children's logs and the job store are kept in {work}", file=sys.stderr)
         raise
@@ -528,6 +585,8 @@ def main() -> None:
         spark.stop()
     print(f"rows={rows} batch={BATCH} rows per worker a step, epoch {args.epochs} of {args.epochs} timed, "
           f"master=local[2], {os.cpu_count()} CPUs")
+    if startup:
+        print_startup(startup)
     for w in workloads:
         print_workload(w, results[w], args.epochs)
     shutil.rmtree(work, ignore_errors=True)
