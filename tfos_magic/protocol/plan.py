@@ -21,6 +21,7 @@ from .options import TrainOptions
 
 TOKEN_ENV = "TFOS_CHANNEL_TOKEN"
 SPARE_TOKEN_ENV = "TFOS_SPARE_TOKEN"  # a spare's, to listen as one (task/spares.py)
+SPARE_TAKEN = b"tfos: spare taken\n"  # a spare's answer to a task's hand-over, on its stdout
 ZK_AUTH_ENV = "TFOS_REGISTRY_AUTH"
 
 

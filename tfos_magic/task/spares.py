@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..protocol.plan import SPARE_TOKEN_ENV, TaskPlan
+from ..protocol.plan import SPARE_TAKEN, SPARE_TOKEN_ENV, TaskPlan
 
 CHILD_MODULE = "tfos_magic.tfprocess.child"
+TAKEN = SPARE_TAKEN  # what a spare writes on its stdout once it serves a task
+HAND_OVER_S = 60.0  # a spare still importing TensorFlow answers once the import is done
 
 
 @dataclass
@@ -65,19 +69,35 @@ def take(plan: TaskPlan, python: str, gpus: bool) -> subprocess.Popen | None:
 
 
 def hand_over(process: subprocess.Popen, config_path: str, wait_s: float, log_path: str,
-              env: dict[str, str]) -> bool:
+              env: dict[str, str], within_s: float = HAND_OVER_S) -> bool:
     """What a fresh TF process gets on its command line and in its environment, as the
-    first line of its stdin; the Arrow stream follows on the same pipe. False (the spare
-    ended) if it ended meanwhile: the task starts a fresh process."""
+    first line of its stdin; the Arrow stream follows on the same pipe. True once the spare
+    says on its stdout that it took the task (after its import, if it was still loading).
+    A spare that ends instead (retired or idle at that moment) or does not answer within
+    `within_s` is ended, and False has the task start a fresh process: a spare decides
+    to serve or to end in one place, so no task is left with a process that was leaving."""
     line = json.dumps({"config": config_path, "wait": wait_s, "log": log_path, "env": env}) + "\n"
+    taken = False
     try:
-        assert process.stdin is not None
+        assert process.stdin is not None and process.stdout is not None
         process.stdin.write(line.encode())
         process.stdin.flush()
-        return True
+        deadline = time.monotonic() + within_s
+        while not taken and time.monotonic() < deadline:
+            ready, _, _ = select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            answer = process.stdout.readline()
+            if not answer:
+                break  # it ended
+            taken = answer == TAKEN
     except OSError:
+        taken = False
+    if process.stdout is not None:
+        process.stdout.close()  # its stdout is the task's log from here on
+    if not taken:
         Spare(process, "").kill()
-        return False
+    return taken
 
 
 def start(plan: TaskPlan, python: str, base_env: dict[str, str], preexec_fn: Callable[[], Any]) -> None:
@@ -88,7 +108,7 @@ def start(plan: TaskPlan, python: str, base_env: dict[str, str], preexec_fn: Cal
     env = dict(base_env, **{SPARE_TOKEN_ENV: plan.spare_token})
     process = subprocess.Popen(
         [python, "-m", CHILD_MODULE, "--spare", str(plan.options.warm_start), plan.channel_address],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
         preexec_fn=preexec_fn, cwd=os.getcwd())
     _spare = Spare(process, python)
 

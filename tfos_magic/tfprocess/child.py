@@ -7,7 +7,7 @@ Usage: python -m tfos_magic.tfprocess.child CONFIG.json [WAIT_S] (secrets in the
 environment: protocol/plan.py). It imports TensorFlow first, then waits up to WAIT_S
 seconds for CONFIG.json, which the Spark task writes once the cluster is agreed.
 Or `--spare IDLE_S CHANNEL`: a spare for a warm start (task/spares.py), which gets the
-same from the first line of its stdin when a task takes it.
+same from the first line of its stdin when a task takes it, and answers on its stdout.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ..protocol.channel import REACH_HINT, SPARES_JOB, ChannelClient, hold_liste
 from ..protocol.events import make_event
 from ..protocol.logs import log_tail
 from ..protocol.net import ReservedPort
-from ..protocol.plan import SPARE_TOKEN_ENV, TaskConfig
+from ..protocol.plan import SPARE_TAKEN, SPARE_TOKEN_ENV, TaskConfig
 from .failpoints import Failpoint
 from .failures import failure
 from .peers import wait_reachable, watch_reachable
@@ -357,12 +357,15 @@ def _wait_as_spare(idle_s: float, channel_address: str) -> tuple[str, float]:
         os._exit(0)  # refused (retired meanwhile) or unreachable: nobody could retire it
     _import_tensorflow()
     ready, _, _ = select.select([sys.stdin.buffer, notebook], [], [], idle_s)
-    if sys.stdin.buffer not in ready or notebook in ready:
+    # A task's hand-over wins over a retirement that came with it: the task waits for the
+    # answer below, and the process is the task's from then on (it ends with the task).
+    if sys.stdin.buffer not in ready:
         os._exit(0)
     line = sys.stdin.buffer.readline()
     if not line:
         os._exit(0)  # the Spark worker went away
     notebook.close()
+    os.write(1, SPARE_TAKEN)  # the task's answer (task/spares.py hand_over); then fd 1 is the log
     handover = json.loads(line)
     log = os.open(handover["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(log, 1)
