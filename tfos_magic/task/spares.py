@@ -44,12 +44,16 @@ class Spare:
         return self.process.poll() is None
 
     def kill(self) -> None:
-        if self.alive():
-            self.process.kill()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        _end(self.process)
+
+
+def _end(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 _spare: Spare | None = None  # this Python worker's spare, if any
@@ -96,7 +100,7 @@ def hand_over(process: subprocess.Popen, config_path: str, wait_s: float, log_pa
     if process.stdout is not None:
         process.stdout.close()  # its stdout is the task's log from here on
     if not taken:
-        Spare(process, "").kill()
+        _end(process)
     return taken
 
 

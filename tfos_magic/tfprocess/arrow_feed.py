@@ -318,12 +318,7 @@ class ArrowFeed:
         ds = ds.rebatch(batch_size)
         if self.class_weight and split == "train" and self.spec.label is not None:
             ds = ds.map(self._weigh_classes, num_parallel_calls=tf.data.AUTOTUNE)
-        return self._finish(ds.prefetch(tf.data.AUTOTUNE))
-
-    @staticmethod
-    def _finish(ds: Any) -> Any:
-        import tensorflow as tf
-
+        ds = ds.prefetch(tf.data.AUTOTUNE)
         options = tf.data.Options()
         # Each worker already holds only its own partition: never shard it again.
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
