@@ -13,14 +13,17 @@ Two workloads, each trained by every path with the very same model (one source s
 
 Each row is a steady-state rate: epoch --epochs (3) of --epochs, rows/s = all rows of that
 epoch across workers / epoch time, taken per worker from the start of the epoch to its end
-(Keras on_epoch_begin/on_epoch_end) and summed over workers. Batch 512 rows per worker
+(Keras on_epoch_begin/on_epoch_end) and summed over workers. The plain 512 and tfos w1 rows,
+the 1-worker comparison, run --steady-epochs (6) and take the median of epochs 2 on. Batch 512 rows per worker
 unless a row says otherwise (so 2 workers take global batches of 1024).
 
   plain 512 / 1024  one fresh TF process, numpy -> from_tensor_slices -> batch, model.fit
   tfos w1 / w2      the real launch() path on a local[2] Spark session: the DataFrame cached
                     in 1 or 2 partitions; the rate is the last epoch's `epoch` events'
                     metrics["rows_per_s"] summed over workers (keras_fit.TfosCallback: rows
-                    handed to tf.data during the epoch / epoch time, per worker)
+                    handed to tf.data during the epoch / epoch time, per worker); later
+                    epochs run several steps a call when a step is short (--steps-per-call 0)
+  tfos w1 k1        tfos w1 with --steps-per-call 1: one step a call, as the plain process
   mwms a            2 TF processes, TF_CONFIG on 127.0.0.1, MultiWorkerMirroredStrategy() with
                     its defaults, each fed its own half (from_tensor_slices, auto-shard OFF,
                     distribute_datasets_from_function so 512 rows per worker a step, as tfos),
@@ -297,7 +300,8 @@ def last_epoch(results: list[dict[str, Any]], epochs: int, batch: int, fixed_ste
         assert last["epoch"] == epochs, r
         rate += r["rows_per_epoch"] / last["seconds"]
     most = max(r["rows_per_epoch"] for r in results)
-    return {"rate": rate, "steps": results[0]["epochs"][-1]["steps"],
+    by_epoch = [sum(r["rows_per_epoch"] / r["epochs"][i]["seconds"] for r in results) for i in range(epochs)]
+    return {"rate": rate, "steps": results[0]["epochs"][-1]["steps"], "epoch_rates": by_epoch,
             "want": most // batch if fixed_steps else -(-most // batch)}
 
 
@@ -357,12 +361,12 @@ def launch_with_timeout(spark: Any, spec: Any, df: Any, store: Any, timeout: flo
 
 
 def bench_tfos(spark: Any, df: Any, store: Any, workload: str, workers: int, epochs: int, rows: int,
-               timeout: float, steps_per_execution: int = 1) -> dict[str, Any]:
+               timeout: float, steps_per_execution: int = 1, steps_per_call: int = 0) -> dict[str, Any]:
     from tfos_magic.job import JobSpec, TrainOptions
 
     name = f"e2e-{workload}-w{workers}-spe{steps_per_execution}-{uuid.uuid4().hex[:6]}"
     opts = TrainOptions(workers=workers, epochs=epochs, label="y", batch_size=BATCH,
-                        inputs="matrix" if workload == "mlp" else "dict", max_restarts=0,
+                        inputs="matrix" if workload == "mlp" else "dict", max_restarts=0, steps_per_call=steps_per_call,
                         start_timeout=min(timeout, 300.0), stall_timeout=min(timeout, 300.0))
     spec = JobSpec(name, etl_source="df", train_source=model_source(workload, steps_per_execution),
                    options=opts)
@@ -382,7 +386,10 @@ def bench_tfos(spark: Any, df: Any, store: Any, workload: str, workers: int, epo
     # A cross-check of the callback's count: all rows over the time between the chief's last two
     # epoch events, which also holds the epoch checkpoint and the next fit's set-up (a lower bound).
     span = ends[epochs] - ends[epochs - 1] if epochs > 1 else None
+    by_epoch = [sum(e["metrics"]["rows_per_s"] for e in events if e["kind"] == "epoch" and e["epoch"] == i)
+                for i in range(1, epochs + 1)]
     return {"rate": sum(e["metrics"]["rows_per_s"] for e in last), "steps": steps[epochs] - steps.get(epochs - 1, 0),
+            "epoch_rates": by_epoch, "epochs": epochs,
             "rate_by_event_times": rows / span if span else None,
             "per_worker": [e["metrics"]["rows_per_s"] for e in sorted(last, key=lambda e: e["worker"])],
             "started": first("started"), "training": first("training"), "first_step": first("step")}
@@ -413,6 +420,7 @@ LABELS = {
     "plain 512": "plain, 1 process, batch 512",
     "plain 1024": "plain, 1 process, batch 1024",
     "tfos w1": "tfos --workers 1",
+    "tfos w1 k1": "tfos --workers 1 --steps-per-call 1",
     "tfos w2": "tfos --workers 2",
     "mwms a": "bare MWMS x2 (a) defaults",
     "mwms b": "bare MWMS x2 (b) 32MiB packs, fixed steps",
@@ -422,7 +430,7 @@ LABELS = {
 
 
 def bench_workload(spark: Any, store: Any, work: Path, workload: str, rows: int, epochs: int,
-                   timeout: float, repeats: int = 1) -> dict[str, dict[str, Any]]:
+                   timeout: float, repeats: int = 1, steady: int = 6) -> dict[str, dict[str, Any]]:
     """Every path on one workload, in LABELS' order: {path: {rate, steps, want, ...}}."""
     cols = make_data(workload, rows)
     data = work / f"{workload}.npz"
@@ -438,17 +446,24 @@ def bench_workload(spark: Any, store: Any, work: Path, workload: str, rows: int,
             runs[name] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
             print(f"  {workload} {name} failed: {runs[name]['error'][:2000]}", file=sys.stderr, flush=True)
 
-    def tfos(df: Any, workers: int, spe: int = 1) -> dict[str, Any]:
-        run = bench_tfos(spark, df, store, workload, workers, epochs, rows, timeout, steps_per_execution=spe)
+    def tfos(df: Any, workers: int, spe: int = 1, epochs: int = epochs, k: int = 0) -> dict[str, Any]:
+        run = bench_tfos(spark, df, store, workload, workers, epochs, rows, timeout, steps_per_execution=spe,
+                         steps_per_call=k)
         run["want"] = -(-(-(-rows // workers)) // BATCH)  # round-robin partitions: the larger one's batches
         return run
 
     df1 = frame(spark, cols, 1)
-    # Side by side: with repeats, the plain process and the tfos job take turns.
+    # Side by side: the plain process and the tfos job take turns, `steady` epochs each; a
+    # run's rate is the median of its epochs after the first (one 0.5 s epoch on a shared
+    # 2-CPU machine swings by 2x; the median of several does not).
+    def steady_state(run: dict[str, Any]) -> dict[str, Any]:
+        return {**run, "rate": float(np.median(run["epoch_rates"][1:]))}
+
     for i in range(repeats):
-        done(f"plain 512#{i}", lambda: bench_plain(workload, data, work, BATCH, epochs, timeout))
-        done(f"tfos w1#{i}", lambda: tfos(df1, 1))
-    for key in ("plain 512", "tfos w1"):  # the median run's row, with every run's rate in run order
+        done(f"plain 512#{i}", lambda: steady_state(bench_plain(workload, data, work, BATCH, steady, timeout)))
+        done(f"tfos w1#{i}", lambda: steady_state(tfos(df1, 1, epochs=steady)))
+        done(f"tfos w1 k1#{i}", lambda: steady_state(tfos(df1, 1, epochs=steady, k=1)))
+    for key in ("plain 512", "tfos w1", "tfos w1 k1"):  # the median run's row, with every run's rate in run order
         tries = [runs.pop(f"{key}#{i}") for i in range(repeats)]
         good = sorted((r for r in tries if "error" not in r), key=lambda r: r["rate"])
         runs[key] = {**good[len(good) // 2], "rates": [r.get("rate") for r in tries]} if good else tries[0]
@@ -480,10 +495,16 @@ def print_workload(workload: str, runs: dict[str, dict[str, Any]], epochs: int) 
         vs_plain = f"{run['rate'] / plain:12.2f}x" if plain else ""
         bare = f"{run['rate'] / run['bare']:12.2f}x" if "bare" in run else ""
         print(f"{LABELS[key]:44} {run['rate']:12,.0f} {vs_plain:>13} {bare:>13}".rstrip())
-    pairs = list(zip(runs["plain 512"].get("rates", []), runs["tfos w1"].get("rates", [])))
-    if len(pairs) > 1:
-        print("  plain 512 and tfos w1 run in turn (the medians shown): "
+    for key in ("tfos w1", "tfos w1 k1"):
+        pairs = list(zip(runs["plain 512"].get("rates", []), runs[key].get("rates", [])))
+        if len(pairs) < 2:
+            continue
+        print(f"  plain 512 and {key} run in turn: "
               + "; ".join(f"{t:,.0f} vs {p:,.0f} = {t / p:.2f}x" if t and p else "failed" for p, t in pairs))
+        ratios = [t / p for p, t in pairs if t and p]
+        if ratios:
+            print(f"  {key} / plain 512, steady state: median {float(np.median(ratios)):.2f}x, "
+                  f"spread {min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} pairs")
     w1 = runs["tfos w1"]
     if "error" not in w1:
         print(f"tfos --workers 1 start-up after launch(): TF process up {w1['started']:.1f}s, "
@@ -494,8 +515,9 @@ def print_workload(workload: str, runs: dict[str, dict[str, Any]], epochs: int) 
             print(f"  failed {key}: " + (err if len(err) < 800 else f"{err[:300]} [...] {err[-500:]}"))
             continue
         if run.get("rate_by_event_times"):
+            last = run.get("epochs", epochs)
             print(f"  check {key}: callback {run['rate']:,.0f} rows/s; all rows / time between the chief's "
-                  f"epoch {epochs - 1} and {epochs} events {run['rate_by_event_times']:,.0f} (a lower bound)")
+                  f"epoch {last - 1} and {last} events {run['rate_by_event_times']:,.0f} (a lower bound)")
         if run["steps"] != run["want"]:
             print(f"  note {key}: {run['steps']} steps in epoch {epochs}, its data makes {run['want']} batches")
         if run.get("end_agreed") is not None:
@@ -558,6 +580,8 @@ def main() -> None:
     ap.add_argument("--startup-runs", type=int, default=3,
                     help="runs of the start-up job after a pause, the first cold (0: none); one more follows at once")
     ap.add_argument("--rerun-pause", type=float, default=10.0, help="seconds between start-up runs")
+    ap.add_argument("--steady-epochs", type=int, default=6,
+                    help="epochs of the plain 512 and tfos w1 runs; their rate is the median of epochs 2..N")
     ap.add_argument("--repeats", type=int, default=1,
                     help="times the plain 512 and tfos w1 rows run (their spread is printed)")
     args = ap.parse_args()
@@ -577,14 +601,15 @@ def main() -> None:
         warm_up(spark, store, args.timeout)
         print(f"  warm-up job: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
         for w in workloads:
-            results[w] = bench_workload(spark, store, work, w, rows, args.epochs, args.timeout, args.repeats)
+            results[w] = bench_workload(spark, store, work, w, rows, args.epochs, args.timeout, args.repeats,
+                                        args.steady_epochs)
     except BaseException:
         print(f"failed; the children's logs and the job store are kept in {work}", file=sys.stderr)
         raise
     finally:
         spark.stop()
-    print(f"rows={rows} batch={BATCH} rows per worker a step, epoch {args.epochs} of {args.epochs} timed, "
-          f"master=local[2], {os.cpu_count()} CPUs")
+    print(f"rows={rows} batch={BATCH} rows per worker a step, epoch {args.epochs} of {args.epochs} timed "
+          f"(plain 512 and tfos w1: the median of epochs 2-{args.steady_epochs}), master=local[2], {os.cpu_count()} CPUs")
     if startup:
         print_startup(startup)
     for w in workloads:

@@ -307,3 +307,75 @@ def test_rows_over_the_memory_cache_keep_reading_the_spill(tmp_path, capfd):
     off = ArrowFeed(_stream(_batches()), _spec(), _dir(tmp_path, "off"))
     _order(off), _order(off)
     assert off.cache_state == "spill"
+
+
+def test_a_pass_from_memory_for_fit_is_the_same_rows_as_the_python_pass(tmp_path):
+    """`memory_pass` (a plain in-memory tf.data pipeline, for fit) gives the rows the Python
+    path gives for the same epoch, skips a resumed pass's rows, and counts its progress by
+    what the training loop reports, since tf.data holds the whole pass at once."""
+    def feed(name):
+        return ArrowFeed(_stream(_batches()), _spec(), _dir(tmp_path, name), shuffle_rows=1000,
+                         seed=("job", 1, 0), memory_cache_bytes=2**20)
+
+    python, memory = feed("python"), feed("memory")
+    assert memory.memory_pass(128) is None, "not before the stream is read and cached"
+    _order(python), _order(memory)
+    assert memory.rows_delivered == 5000
+    python.epoch = memory.epoch = 1
+    x, y, sizes = _rows(memory.memory_pass(128))
+    np.testing.assert_array_equal(x[:, 0], _order(python))
+    np.testing.assert_array_equal(x[:, 0] * 2, y)
+    assert sizes[:-1] == [128] * (len(sizes) - 1) and memory.last_pass_rows == 5000
+    assert memory.rows_delivered == 5000, "handed to tf.data whole: counted as trained"
+    memory.trained(1024)
+    assert memory.rows_delivered == 6024
+    memory.trained(6000)  # padding steps past the end count no rows
+    assert memory.rows_delivered == 10000
+    memory.epoch = python.epoch = 2
+    memory.skip_next_pass(1700)
+    x, _, _ = _rows(memory.memory_pass(128))
+    np.testing.assert_array_equal(x[:, 0], _order(python)[1700:])
+    assert memory.last_pass_rows == 3300 and memory.rows_delivered == 10000
+    # The Python path still reads the same memory afterwards.
+    memory.epoch = 3
+    python.epoch = 3
+    np.testing.assert_array_equal(_order(memory), _order(python))
+    plain = ArrowFeed(_stream(_batches()), _spec(), _dir(tmp_path, "plain"), memory_cache_bytes=2**20)
+    _order(plain)
+    x, _, _ = _rows(plain.memory_pass(1000))
+    np.testing.assert_array_equal(x[:, 0], np.arange(5000, dtype=np.float32))
+
+
+def test_a_python_source_opens_a_pass_per_iterator_and_reports_its_errors():
+    """The tf.data source over a Python iterator (no from_generator): each iterator a new
+    pass, an unfinished pass closed when the next opens, an error raised in the pass
+    surfacing from the iterator with its message."""
+    import tensorflow as tf
+
+    from tfos_magic.tfprocess.python_source import iterator_dataset
+
+    opened, closed = [], []
+
+    def chunks():
+        opened.append(len(opened))
+        try:
+            for at in range(0, 10, 4):
+                yield np.arange(at, min(at + 4, 10), dtype=np.float32), np.zeros(min(4, 10 - at), np.int64)
+        finally:
+            closed.append(len(closed))
+
+    signature = (tf.TensorSpec((None,), tf.float32), tf.TensorSpec((None,), tf.int64))
+    ds = iterator_dataset(chunks, signature)
+    assert [len(x) for x, _ in ds] == [4, 4, 2]
+    assert np.concatenate([x.numpy() for x, _ in ds]).tolist() == list(range(10))
+    next(iter(ds))  # a pass left unfinished...
+    assert [len(x) for x, _ in ds] == [4, 4, 2]  # ...is closed when the next opens
+    assert len(opened) == 4 and len(closed) == 4
+    assert ds.element_spec[0].shape.as_list() == [None]
+
+    def broken():
+        yield np.zeros(3, np.float32), np.zeros(3, np.int64)
+        raise FeedError("The feature column 'a' has null values")
+
+    with pytest.raises(tf.errors.OpError, match="null values"):
+        list(iterator_dataset(broken, signature))

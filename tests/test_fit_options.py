@@ -198,3 +198,42 @@ def test_ps_mode_refuses_callbacks_and_weights_before_anything_runs(shell):
         _, err = run(shell, TRAIN.format(name="psrefused", workers=1, extra=" --strategy ps --ps 1" + extra) + cell)
         assert isinstance(err, TfosError) and words in str(err), err
     assert get_job("psrefused").state != "running"
+
+
+STEPS_RECORDER = """
+import os
+
+class StepsPerCall(tf.keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        with open(os.path.join({markers!r}, "k"), "a") as f:
+            f.write(f"{{int(self.model._steps_per_execution.numpy())}} {{int(self.model.optimizer.iterations.numpy())}}\\n")
+
+def callbacks():
+    return [StepsPerCall()]
+"""
+
+
+@pytest.mark.e2e
+def test_later_epochs_of_a_small_model_run_several_steps_a_call(shell, tmp_path):
+    """A model compiled with Keras' one step a call, whose steps take about a millisecond,
+    runs the epochs after the first in calls of several steps (--steps-per-call 0), every
+    step still taken; --steps-per-call N fixes it; the saved model keeps its own."""
+    def calls(name: str, extra: str) -> list[tuple[int, int]]:
+        markers = tmp_path / name
+        markers.mkdir()
+        for cell in (RARE.format(name=name),
+                     f"%%tf_train {name} --epochs 3 --batch-size 128 --label label --features x1,x2{extra}\n"
+                     + LOGISTIC + STEPS_RECORDER.format(markers=str(markers))):
+            _, err = run(shell, cell)
+            assert err is None, (name, err)
+        job = get_job(name)
+        assert job.state == "succeeded", job.error
+        assert int(job.load_model()._steps_per_execution.numpy()) == 1
+        return [tuple(int(v) for v in line.split()) for line in (markers / "k").read_text().splitlines()]
+
+    picked = calls("picked", "")
+    # 20,000 rows make 157 steps of 128 (a streamed first epoch may end with one empty step).
+    assert [b - a for (_, a), (_, b) in zip(picked, picked[1:])] == [157, 157], picked
+    assert picked[0][0] == 1 and picked[1][0] == picked[2][0] > 1, picked
+    fixed = calls("fixed", " --steps-per-call 4")
+    assert [k for k, _ in fixed] == [4, 4, 4] and fixed[2][1] - fixed[1][1] == 157, fixed

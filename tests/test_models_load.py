@@ -139,7 +139,10 @@ def test_every_kind_of_model_loads_back_everywhere(shell, tfos_home, tmp_path):
     # A new kernel: only the job store is shared with this one.
     from jupyter_client.manager import start_new_kernel
 
-    km, kc = start_new_kernel(kernel_name="python3", env={**os.environ, "TFOS_HOME": str(tfos_home)})
+    # Without the suite's TF_USE_LEGACY_KERAS: importing tfos_magic first must choose it, as
+    # for a user's fresh kernel or script.
+    fresh_env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    km, kc = start_new_kernel(kernel_name="python3", env={**fresh_env, "TFOS_HOME": str(tfos_home)})
     try:
         code = textwrap.dedent(f"""
             import json, numpy as np, tfos_magic

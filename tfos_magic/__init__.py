@@ -17,6 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import JobFailed, TfosError
 
+# The workers run legacy tf.keras (Keras 3 lacks multi-worker and PS support); a process
+# that imports this package before TensorFlow (a kernel, a script calling
+# get_job(...).load_model()) gets the same tf.keras, so models and cells load as trained.
+if "tensorflow" not in sys.modules:
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
 if TYPE_CHECKING:
     from .job import Job
 
@@ -63,10 +69,6 @@ def _show_error(shell: Any, etype: type, value: BaseException, tb: Any, tb_offse
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    # The workers run legacy tf.keras (Keras 3 lacks multi-worker and PS support);
-    # the kernel should match so load_model() and user code see the same tf.keras.
-    if "tensorflow" not in sys.modules:
-        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     from .magics import TfosMagics
 
     ipython.register_magics(TfosMagics(ipython))

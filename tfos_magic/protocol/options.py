@@ -79,6 +79,12 @@ class TrainOptions:
                              "Spark Python worker whose TF task succeeded, waits for the next task there: a re-run "
                              "starts warm; 0: no spares, every task starts its own TF process",
                              type=int, metavar="SECONDS", env="TFOS_WARM_START", minimum=0)
+    steps_per_call: int = option(0, "training steps Keras runs in one call (its steps_per_execution): 0 keeps "
+                                 "the model's own, and when that is Keras' default of one and no callback of the "
+                                 "cell acts per batch, runs the epochs after the first in calls of about 50 ms, "
+                                 "sized from the first epoch's step time (a small model's steps cost more in "
+                                 "Python than in TensorFlow); N runs N steps a call in every epoch", type=int,
+                                 metavar="N", env="TFOS_STEPS_PER_CALL", minimum=0)
     sample_weight: str | None = option(None, "a numeric column of per-row weights for the loss and metrics "
                                        "(Keras' sample_weight); streamed with the features", metavar="COL")
     class_weight: dict[int, float] | None = option(None, "weights of the label's classes in the loss, as Keras' "

@@ -31,7 +31,6 @@ from typing import Any, Callable
 from ..protocol.plan import SPARE_TAKEN, SPARE_TOKEN_ENV, TaskPlan
 
 CHILD_MODULE = "tfos_magic.tfprocess.child"
-TAKEN = SPARE_TAKEN  # what a spare writes on its stdout once it serves a task
 HAND_OVER_S = 60.0  # a spare still importing TensorFlow answers once the import is done
 
 
@@ -94,7 +93,7 @@ def hand_over(process: subprocess.Popen, config_path: str, wait_s: float, log_pa
             answer = process.stdout.readline()
             if not answer:
                 break  # it ended
-            taken = answer == TAKEN
+            taken = answer == SPARE_TAKEN
     except OSError:
         taken = False
     if process.stdout is not None:

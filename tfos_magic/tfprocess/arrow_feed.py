@@ -2,11 +2,13 @@
 
 The first pass reads the Arrow IPC stream from the Spark task as it arrives and
 spills each batch to a local Arrow IPC file; later passes (epochs) never ask Spark
-again. A worker whose training rows fit --memory-cache decodes the spill once into
-numpy arrays and feeds every later pass from them, all rows in a new order each epoch,
-with no file read and no Arrow decoding. Larger partitions memory-map the spill
-every pass, holding a few Arrow batches at a time. Each Arrow batch becomes numpy
-arrays with no per-row Python, and `rebatch` in tf.data cuts them to the batch size.
+again. A worker whose training rows fit --memory-cache decodes the spill once and
+feeds every later pass from memory, all rows in a new order each epoch, with no file
+read and no Arrow decoding: `fit` takes such a pass as a plain in-memory tf.data
+pipeline (`memory_pass`), as fast as one in a plain process. Larger partitions
+memory-map the spill every pass, holding a few Arrow batches at a time. Each Arrow
+batch becomes numpy arrays with no per-row Python, and `rebatch` in tf.data cuts them
+to the batch size.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class ArrowFeed:
         self.spec = spec
         self.memory_cache_bytes = memory_cache_bytes  # 0: every pass reads the spill
         self._cache: Any = None  # the training rows as numpy (x, y[, w]), once decoded
+        self._tensors: Any = None  # the same rows as tensors, once a pass from memory asks
         self.cache_state = "none"  # "memory" once later passes come from memory, "spill" if too large
         self.class_weight = class_weight  # label class -> weight, on training rows only (as Keras)
         self.shuffle_rows = shuffle_rows  # 0: rows in the stream's order, every epoch
@@ -68,7 +71,8 @@ class ArrowFeed:
                              "validation": os.path.join(spill_dir, "validation.arrows")}
         self._writers: dict[str, pa.ipc.RecordBatchStreamWriter] = {}
         self.rows = {"train": 0, "validation": 0}
-        self.rows_delivered = 0  # rows handed to tf.data, all passes
+        self._handed = 0  # rows passes through Python handed to tf.data, all passes
+        self._memory_pass = (0, 0)  # (rows, rows trained) of the latest memory_pass
         self._skip_rows = 0
         self.last_pass_rows: int | None = None  # training rows the last finished pass delivered
         self._arrays = BatchArrays(spec)
@@ -159,21 +163,38 @@ class ArrowFeed:
             if batch.num_rows:
                 yield batch
 
+    @property
+    def rows_delivered(self) -> int:
+        """Rows handed to training, all passes: as Python hands them to tf.data, and for a
+        pass from memory, which tf.data holds whole, as the training loop reports (`trained`)."""
+        rows, trained = self._memory_pass
+        return self._handed + min(rows, trained)
+
+    def trained(self, rows: int) -> None:
+        """The training loop's count of rows trained in this pass so far (steps x rows a step):
+        the progress of a pass from memory."""
+        self._memory_pass = (self._memory_pass[0], rows)
+
+    def _pass_order(self, split: str) -> np.random.Generator | None:
+        """A new pass: the generator of its order when training rows are shuffled (--shuffle),
+        seeded by job, run, worker and epoch (the training loop's, else passes are counted)."""
+        if split != "train":
+            return None
+        epoch = self.epoch if self.epoch is not None else self._passes
+        self._passes += 1
+        return rng_for(*self._seed, epoch) if self.shuffle_rows else None
+
     def batches(self, split: str = "train") -> Iterator[Any]:
         """One pass: the live stream the first time, then memory (numpy, when the training
         rows fit --memory-cache) or the local spill (Arrow batches). Training passes are
         shuffled (--shuffle): the stream through a buffer, memory all at once, the spill's
         blocks in a new order and through the buffer; seeded by job, run, worker and epoch."""
         untouched = self._reader is None and not self._done
-        rng = None
-        if split == "train":
-            epoch = self.epoch if self.epoch is not None else self._passes
-            self._passes += 1
-            rng = rng_for(*self._seed, epoch) if self.shuffle_rows else None
+        rng = self._pass_order(split)
         if split == "train" and untouched and not self._first_pass_taken:
             self._first_pass_taken = True
             source = self._streamed()
-        elif split == "train" and self._cached():
+        elif split == "train" and self.from_memory():
             yield from self._from_memory(rng)
             return
         else:
@@ -182,8 +203,9 @@ class ArrowFeed:
         yield from (source if rng is None else shuffled(source, self.shuffle_rows, rng))
 
     # --- later passes from memory ---------------------------------------
-    def _cached(self) -> bool:
-        """Whether this pass reads memory: decodes the spill the first time it fits."""
+    def from_memory(self) -> bool:
+        """Whether later training passes read memory: decodes the spill the first time it
+        fits (the stream is read to its end first)."""
         if self._cache is None and self.cache_state == "none":
             self.drain()
             path = self._spill_paths["train"]
@@ -202,6 +224,35 @@ class ArrowFeed:
             print(f"tfos: later epochs read this worker's {table.num_rows:,} training rows from memory "
                   f"({size / 2**20:.0f} MiB)", flush=True)
         return self._cache is not None
+
+    def memory_pass(self, batch_size: int):
+        """The next training pass from memory, for `fit`: `from_tensor_slices` and `batch`
+        over the cached rows, the pipeline of a plain in-memory process (a Python source
+        feeding tf.data, `dataset()`, reached 0.8x of it). Every row, in this epoch's order
+        (a full shuffle with --shuffle, into a copy of the rows while the pass lasts), less
+        `skip_next_pass`'s rows. One pass per call, its order drawn now: call it per epoch,
+        after setting `epoch`. None until the stream has been read to its end (the first
+        pass streams), and unless the training rows fit --memory-cache."""
+        import tensorflow as tf
+
+        if not self._done or not self.from_memory():
+            return None
+        if self._tensors is None:
+            self._tensors = _map(self._cache, tf.constant)
+            self._cache = _map(self._tensors, lambda t: t.numpy())  # the same memory, for dataset()
+        rows = len(_leaves(self._cache)[0])
+        rng = self._pass_order("train")
+        skip, self._skip_rows = min(self._skip_rows, rows), 0
+        if rng is None:
+            part = _map(self._tensors, lambda t: t[skip:])
+        else:
+            take = rng.permutation(rows)[skip:]
+            part = _map(self._tensors, lambda t: tf.gather(t, take))
+        done, trained = self._memory_pass
+        self._handed += min(done, trained)
+        self._memory_pass = (rows - skip, 0)
+        self.last_pass_rows = rows - skip
+        return self._for_training(tf.data.Dataset.from_tensor_slices(part).batch(batch_size), "train")
 
     def _from_memory(self, rng: np.random.Generator | None) -> Iterator[Any]:
         """The cached rows as numpy chunks: every row in `rng`'s order (a full shuffle, not a
@@ -281,20 +332,24 @@ class ArrowFeed:
         return max(0, self.rows["train"] - self._skip_rows)
 
     def padded_dataset(self, batch_size: int):
-        """`dataset(batch_size)`, then empty (zero-row) batches without end, for a pass of an
-        agreed number of steps (keras_fit.agreed_steps): a worker whose rows run out before
-        its peers' takes empty batches, which add nothing to the gradients, as TF's own
-        end-of-data handling gives it. Declared infinite, so TF's distributed iterator
-        drops its per-step agreement on the end of data."""
+        """The next pass (`memory_pass`, else `dataset`), then empty (zero-row) batches
+        without end, for a pass of an agreed number of steps (keras_fit.agreed_steps): a
+        worker whose rows run out before its peers' takes empty batches, which add nothing
+        to the gradients, as TF's own end-of-data handling gives it. Declared infinite, so
+        TF's distributed iterator drops its per-step agreement on the end of data. From
+        memory, one pass per call; else re-iterable, a pass per iterator."""
         import tensorflow as tf
 
         empty = tf.nest.map_structure(lambda s: tf.zeros([0, *s.shape[1:]], s.dtype), self.element_spec())
-        ds = self.dataset(batch_size).concatenate(tf.data.Dataset.from_tensors(empty).repeat())
+        ds = self.memory_pass(batch_size) or self.dataset(batch_size)
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat())
         return ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
 
     def dataset(self, batch_size: int, split: str = "train"):
         """A tf.data.Dataset of this worker's rows, `batch_size` rows a step, re-iterable per epoch."""
         import tensorflow as tf
+
+        from .python_source import iterator_dataset
 
         def generate():
             skip, self._skip_rows = (self._skip_rows, 0) if split == "train" else (0, self._skip_rows)
@@ -308,18 +363,22 @@ class ArrowFeed:
                         continue
                     batch = batch.slice(skip) if arrow else _map(batch, lambda a, s=skip: a[s:])
                     rows, skip = rows - skip, 0
-                self.rows_delivered += rows
+                self._handed += rows
                 delivered += rows
                 yield self.to_numpy(batch) if arrow else batch
             if split == "train":
                 self.last_pass_rows = delivered
 
-        ds = tf.data.Dataset.from_generator(generate, output_signature=self.element_spec(split, class_weights=False))
-        ds = ds.rebatch(batch_size)
+        ds = iterator_dataset(generate, self.element_spec(split, class_weights=False))
+        return self._for_training(ds.rebatch(batch_size), split).prefetch(tf.data.AUTOTUNE)
+
+    def _for_training(self, ds: Any, split: str) -> Any:
+        """Batches weighed by class (--class-weight), and never sharded again: each worker
+        already holds only its own partition."""
+        import tensorflow as tf
+
         if self.class_weight and split == "train" and self.spec.label is not None:
             ds = ds.map(self._weigh_classes, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.prefetch(tf.data.AUTOTUNE)
         options = tf.data.Options()
-        # Each worker already holds only its own partition: never shard it again.
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         return ds.with_options(options)

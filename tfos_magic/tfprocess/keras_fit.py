@@ -16,6 +16,9 @@ from . import model_check, model_inputs, user_callbacks
 from .context import Throttle, TrainContext, check_finite
 
 UNBOUNDED_STEPS = 2**31 - 1
+CALL_S = 0.05  # seconds of training one call aims at when tfos sizes the steps a call
+MAX_STEPS_PER_CALL = 100
+MIN_TIMED_STEPS = 20  # an epoch shorter than this does not size the steps a call
 TENSORBOARD_EVERY_STEPS = 50
 NO_WEIGHTS = ("The model has no trainable weights, so training would change nothing. Check that "
               "build_model() returns the model it built, with layers that have weights (e.g. Dense), "
@@ -47,6 +50,8 @@ class TfosCallback(tf.keras.callbacks.Callback):
         self._epoch_step0 = 0
         self._last_step = 0
         self._weights_checked = False
+        self._rows_per_step = ctx.rows_per_step
+        self.step_seconds: float | None = None  # a step's wall time in the first timed epoch
 
     def _read_step(self) -> int:
         return int(self.model.optimizer.iterations.numpy())
@@ -66,6 +71,7 @@ class TfosCallback(tf.keras.callbacks.Callback):
                 raise TfosError(NO_WEIGHTS)
         step = self._epoch_step0 + batch + 1
         last, self._last_step = self._last_step, step
+        self.ctx.feed.trained((batch + 1) * self._rows_per_step)
         if self._epoch == 0:
             self.ctx.failpoint.hit("streaming")
         if self.ctx.should_stop(step):
@@ -82,6 +88,8 @@ class TfosCallback(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         step = self._read_step()
         elapsed = max(time.monotonic() - self._t0, 1e-9)
+        if self.step_seconds is None and step - self._epoch_step0 >= MIN_TIMED_STEPS:
+            self.step_seconds = elapsed / (step - self._epoch_step0)
         metrics = {k: _python(v) for k, v in (logs or {}).items()}
         check_finite(metrics.get("loss"), step, self.ctx.worker_index, self.ctx.checkpoint_dir)
         metrics["rows_per_s"] = (self.ctx.feed.rows_delivered - self._rows0) / elapsed
@@ -141,15 +149,18 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool,
     # The cell's callbacks come first, so that what they change at an epoch's end (the
     # learning rate, a stop) is in that epoch's row and checkpoint.
     mine = user_callbacks.build(make_callbacks)
-    callbacks: list[Any] = [*mine, TfosCallback(ctx, ckpt, ctx.options.checkpoint_every_steps,
-                                                report_lr=bool(mine))]
+    tfos_callback = TfosCallback(ctx, ckpt, ctx.options.checkpoint_every_steps, report_lr=bool(mine))
+    callbacks: list[Any] = [*mine, tfos_callback]
     if ctx.is_chief and ctx.log_dir and tensorboard_installed():
         # For `%tensorboard --logdir`; the chief only, and no profiling.
         callbacks.append(tf.keras.callbacks.TensorBoard(ctx.log_dir, update_freq=TENSORBOARD_EVERY_STEPS,
                                                         profile_batch=0, write_graph=False))
     per_execution = _steps_per_execution(model)
     user_k = 1 if per_execution is None else int(per_execution.numpy())
+    size_calls = (ctx.options.steps_per_call == 0 and per_execution is not None and user_k == 1
+                  and not any(c._implements_train_batch_hooks() for c in mine))
     sparse = any(isinstance(layer, tf.keras.layers.Embedding) for layer in model.submodules)
+    told = False
     for epoch in range(initial_epoch, ctx.epochs):
         if not (epoch == initial_epoch and done_in_epoch):
             ckpt.epoch_start.assign(int(model.optimizer.iterations.numpy()))
@@ -157,16 +168,26 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool,
         if steps == 0:  # every worker's rows of this epoch were trained on before a restart
             _finish_epoch(model, ctx, ckpt, val, epoch)
             continue
-        if steps is not None:
-            padded = padded or ctx.strategy.distribute_datasets_from_function(
+        ctx.feed.epoch = epoch  # which shuffled order this pass takes
+        if steps is not None and (padded is None or ctx.feed.from_memory()):
+            # From memory a new dataset each epoch, in that epoch's order (ArrowFeed.memory_pass).
+            padded = ctx.strategy.distribute_datasets_from_function(
                 lambda _ctx: ctx.feed.padded_dataset(ctx.batch_size))
         # Several steps a call break the all-gather of embedding gradients across workers
         # when batch sizes change within one call (a shape mismatch in CollectiveGatherV2,
         # also without tfos): a streamed pass runs one step a call, and so does a model with
         # embeddings unless every batch of the pass is full.
         several = ctx.num_workers == 1 or (steps is not None and (full or not sparse))
-        _use_steps_per_execution(model, per_execution, user_k if several else 1)
-        ctx.feed.epoch = epoch  # which shuffled order this pass takes
+        k = ctx.options.steps_per_call or user_k
+        if size_calls and several:
+            # Each worker timed its own steps; every worker must run the same steps a call, or
+            # their collectives (and an agreed stop step) no longer pair up.
+            k = min(every_worker(ctx, steps_per_call(k, tfos_callback.step_seconds)))
+            if k != user_k and not told:
+                told = True
+                print(f"tfos: a step took {tfos_callback.step_seconds * 1000:.1f} ms: later epochs run {k} steps "
+                      "a call (--steps-per-call)", flush=True)
+        _use_steps_per_execution(model, per_execution, k if several else 1)
         try:
             model.fit(data if steps is None else padded, epochs=epoch + 1, initial_epoch=epoch,
                       steps_per_epoch=steps or UNBOUNDED_STEPS,
@@ -187,6 +208,7 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool,
             why = user_callbacks.stopped_by(mine) or "another worker's callback stopped training"
             ctx.send("stopped_early", epoch=epoch + 1, epochs=ctx.epochs, reason=why)
             break
+    _use_steps_per_execution(model, per_execution, user_k)  # the model's own, as it is saved
     for callback in mine:
         callback.finish()
     if any(callback.restores_weights for callback in mine):
@@ -195,6 +217,16 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool,
         ckpt.save(int(model.optimizer.iterations.numpy()), reason="best")
     ctx.feed.drain()  # e.g. already trained to --epochs: let the Spark task finish its partition
     return model
+
+
+def steps_per_call(k: int, step_seconds: float | None) -> int:
+    """Steps a call: `k`, or, given a step's time, as many as make about CALL_S seconds. A
+    small model's step takes well under a millisecond in TensorFlow, and Keras' loop and the
+    callbacks cost about as much again in Python each call: several steps a call (one
+    tf.function running them in a loop) bring a later epoch to TensorFlow's own speed."""
+    if step_seconds is None or step_seconds <= 0:
+        return k
+    return max(1, min(MAX_STEPS_PER_CALL, int(CALL_S / step_seconds)))
 
 
 def _steps_per_execution(model: Any) -> Any:

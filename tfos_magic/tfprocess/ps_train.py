@@ -4,7 +4,7 @@ Each worker builds its own TF1-style graph under `replica_device_setter`: variab
 live on the PS tasks, while the compute and the input pipeline, fed by this worker's
 own Arrow stream, stay on the worker. Workers update the shared variables
 asynchronously. TF2's ClusterCoordinator was not used: its per-worker datasets are
-functions traced in the coordinator, and a Python (from_generator) feed there runs
+functions traced in the coordinator, and a Python (py_func) feed there runs
 in the coordinator's process, so every batch would pass through it
 (docs/architecture.md).
 """
