@@ -323,8 +323,9 @@ def build_model():
 """
 
 
-def regression_cell(inputs: int, hidden: int, learning_rate: float) -> str:
-    """The train-cell body the end-to-end tests share: a small MLP regressor for `build_model()`."""
+def regression_cell(inputs: int, hidden: int, learning_rate: float | str) -> str:
+    """The train-cell body the end-to-end tests share: a small MLP regressor for `build_model()`.
+    `learning_rate` is a number or the source of a schedule."""
     return f"""
 import tensorflow as tf
 def build_model():

@@ -273,6 +273,7 @@ def _run(planned: _Planned, store: JobStore, observers: JobObserver, origin: Run
     observers.on_start(dict(state, job=name))
     try:
         with _interrupt_raises_only():
+            start_over = opts.restart
             for attempt in range(1, opts.max_restarts + 2):
                 if stop():  # asked while the job was being planned, or between attempts
                     raise JobStopped("stopped on request")
@@ -285,13 +286,15 @@ def _run(planned: _Planned, store: JobStore, observers: JobObserver, origin: Run
                 store.write_state(name, attempt=attempt, job_group=group)
                 observers.on_event({"kind": "attempt", "attempt": attempt, "job_group": group})
                 try:
-                    _attempt(planned.backend, planned.frame, plan.for_attempt(attempt, token, channel.spare_token()),
+                    _attempt(planned.backend, planned.frame,
+                             plan.for_attempt(attempt, token, channel.spare_token(), start_over=start_over),
                              planned.profile, monitor,
                              expected, group, observers,
                              StopControl(stop, lambda: channel.control(name, {"control": "stop"})))
                     break
                 except AttemptFailed as exc:
                     channel.retire_spares()  # no TF process outlives a failure
+                    start_over = start_over and not monitor.training  # the chief cleared them
                     if not exc.retryable or attempt > opts.max_restarts:
                         store.write_state(name, error_file=exc.details_file)
                         raise JobFailed(f"Job {name!r} failed: {exc}"

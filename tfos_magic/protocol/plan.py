@@ -65,6 +65,10 @@ class TaskPlan:
     attempt: int = 0
     token: str = ""
     spare_token: str = ""  # what the spares this job leaves listen with (task/spares.py); "": none
+    # --restart's clearing of earlier checkpoints is still to do: true until an attempt's
+    # chief got past its set-up (which clears them), so that an attempt killed before that
+    # does not leave the next one to resume from an earlier run's checkpoint.
+    start_over: bool = False
     # Fault injection for recovery tests (tfprocess/failpoints.py): from the kernel's
     # TFOS_FAILPOINT, so that it reaches the TF processes on any cluster. None in use.
     failpoint: str | None = None
@@ -77,8 +81,8 @@ class TaskPlan:
     def strategy(self) -> str:
         return self.options.strategy
 
-    def for_attempt(self, attempt: int, token: str, spare_token: str = "") -> "TaskPlan":
-        return dataclasses.replace(self, attempt=attempt, token=token, spare_token=spare_token)
+    def for_attempt(self, attempt: int, token: str, spare_token: str = "", start_over: bool = False) -> "TaskPlan":
+        return dataclasses.replace(self, attempt=attempt, token=token, spare_token=spare_token, start_over=start_over)
 
     def with_array_lengths(self, lengths: dict[str, int]) -> "TaskPlan":
         return dataclasses.replace(self, feed=dataclasses.replace(self.feed, array_lengths=dict(lengths)))

@@ -295,8 +295,9 @@ def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup:
     cleanup.append(GpuSampler(lambda reading: channel.send(
         make_event("gpu", config.index, rows=feed.rows_delivered, **reading)), default_source()).start())
     # --restart starts the run over once: a later attempt of the same run resumes from the
-    # checkpoints this run wrote, as any restart does.
-    restart = opts.restart and plan.attempt == 1
+    # checkpoints this run wrote, as any restart does, unless the attempt before died
+    # before its chief cleared the earlier ones (the driver decides: plan.start_over).
+    restart = plan.start_over
     if ctx.is_chief:
         checkpoints.ensure_writable(ctx.checkpoint_dir)
         if restart:
