@@ -113,11 +113,27 @@ def _dismiss_news(page) -> None:
 
 def _widget_in_notebook7(page, url: str, token: str, shots: Path) -> None:
     """Notebook 7 (the classic-looking front end on the same server) draws the widget too."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     page.goto(f"{url}/notebooks/replay.ipynb?token={token}", timeout=60_000)
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
-    page.wait_for_selector(".tfos-dash .uplot canvas", timeout=120_000)
+    try:
+        # A click on the menu before the page has wired it up runs nothing: click again
+        # until a cell shows it ran ([*] or a number).
+        for _ in range(4):
+            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+            try:
+                page.wait_for_function("() => [...document.querySelectorAll('.jp-InputArea-prompt')]"
+                                       ".some(e => /\\[(\\*|\\d+)\\]/.test(e.textContent))", timeout=20_000)
+                break
+            except PlaywrightTimeout:
+                continue
+        page.wait_for_selector(".tfos-dash .uplot canvas", timeout=120_000)
+    except Exception:
+        page.screenshot(path=str(shots / "notebook7-failure.png"))
+        print("screenshot of the failure:", shots / "notebook7-failure.png")
+        raise
     stats = page.locator(".tfos-dash .tfos-stats").text_content()
     assert "step" in stats, stats
     page.locator(".tfos-dash").scroll_into_view_if_needed()
