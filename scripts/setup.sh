@@ -3,7 +3,8 @@
 # system packages (Java 17+, ZooKeeper, Chromium, Node for the front ends' build, iproute2 and
 # util-linux for the multi-host tests) from apt, then a virtualenv in
 # .venv with the package and its test extras from PyPI, and the JupyterLab sidebar
-# linked into it. Safe to run again: it only installs what is missing.
+# linked into it; and .venv-spark35, the same with pyspark 3.5, for the Spark 3.5 tier.
+# Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -75,5 +76,21 @@ fi
 if [ ! -L .venv/share/jupyter/labextensions/tfos-magic ]; then
   say "linking the JupyterLab extension into .venv"
   .venv/bin/jupyter-builder develop --overwrite .
+fi
+# The Spark 3.5 tier's environment (tests marked spark35, run by scripts/test.sh): pyspark
+# 3.5 and its py4j of its own, everything else from .venv, whose site-packages a .pth file
+# adds after its own (so its pyspark comes first).
+SPARK35=3.5.9
+if ! .venv-spark35/bin/python -c "import pyspark, sys; sys.exit(pyspark.__version__ != '$SPARK35')" 2>/dev/null; then
+  say "creating .venv-spark35 (pyspark $SPARK35 over .venv's packages)"
+  rm -rf .venv-spark35
+  "$PYTHON" -m venv .venv-spark35
+  base=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  own=$(.venv-spark35/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  echo "import site; site.addsitedir('$base')" > "$own/tfos-base-env.pth"
+  # Jupyter's data and config (nbconvert's templates, the server extension) under its prefix too.
+  ln -sfn "$PWD/.venv/share" .venv-spark35/share
+  ln -sfn "$PWD/.venv/etc" .venv-spark35/etc
+  .venv-spark35/bin/python -m pip install -q --no-deps "pyspark==$SPARK35" "py4j==0.10.9.7"
 fi
 say "ready: .venv/bin/python -m pytest, or bash scripts/test.sh"

@@ -22,7 +22,7 @@ import pytest
 # process this run starts (kernels, Spark's Python workers, TF processes), so a test that
 # starts TF without the mark fails naming the mark instead of quietly slowing the tier.
 FILE_TIERS = {
-    "test_cluster.py": "cluster", "test_multihost.py": "cluster", "test_deploy.py": "cluster",
+    "test_cluster.py": "cluster", "test_multihost.py": "cluster", "test_deploy.py": "cluster", "test_spark35.py": "cluster",
     "test_browser.py": "browser", "test_sidebar.py": "browser",
     "test_wheel.py": "wheel", "test_packaging.py": "wheel",
     "test_examples.py": "examples", "test_readme.py": "examples",
@@ -35,6 +35,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "e2e: starts TF processes (real Spark jobs, kernels that train)")
     for tier in TIERS:
         config.addinivalue_line("markers", f"{tier}: the {tier} tier (end to end)")
+    config.addinivalue_line("markers", "spark35: runs again on Spark 3.5, in .venv-spark35 (scripts/test.sh)")
     if (config.getoption("markexpr") or "").replace(" ", "") == "note2e":
         os.environ["TFOS_TEST_TIER"] = "fast"
     if os.environ.get("TFOS_TEST_TIER") == "fast":

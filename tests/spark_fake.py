@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-from tfos_magic.driver.spark_backend import DriverAddresses, GroupActivity, SparkBackend
+from tfos_magic.driver.spark_backend import DriverAddresses, GpuRequest, GroupActivity, SparkBackend
 
 
 class Cancelled(RuntimeError):
@@ -93,3 +93,9 @@ class FakeSpark(SparkBackend):
     def barrier_tasks(self, count: int, fn: Callable[[], str]) -> Callable[[], list[str]]:
         reports = self.barrier_reports
         return FakeAction(result=reports) if not reports else (lambda: list(reports))
+
+    def gpu_request(self, gpus: int) -> GpuRequest:
+        return GpuRequest(profile=("gpu", gpus))
+
+    def map_in_arrow(self, df: Any, fn: Callable[..., Any], schema: str, profile: Any = None) -> Any:
+        raise NotImplementedError("the fake runs no stages")

@@ -85,6 +85,7 @@ def trained(env, tmp_path_factory) -> dict:
 
 
 @pytest.mark.e2e
+@pytest.mark.spark35
 def test_run_injects_the_parameters_and_writes_the_notebook_and_html(trained):
     proc, folder = trained["proc"], trained["folder"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -154,6 +155,7 @@ def test_jobs_and_status_read_the_store_the_run_left(trained, env):
 
 
 @pytest.mark.e2e
+@pytest.mark.spark35
 def test_submit_trains_the_stored_job_again_in_a_new_process(trained, env):
     home = trained["home"]
     before = get_job(JOB, str(home)).history

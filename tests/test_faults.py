@@ -100,7 +100,7 @@ def _unfaulted(shell) -> tuple[int, float]:
 # Seeds 1-5 are the phases in PHASES' order; ps mode (test_cluster.py) takes start-up,
 # checkpoint and validation, so each phase is killed once in some mode, and the save,
 # whose path differs most between the modes, in both.
-@pytest.mark.parametrize("seed", [2, 3, 5])
+@pytest.mark.parametrize("seed", [2, pytest.param(3, marks=pytest.mark.spark35), 5])
 def test_a_killed_worker_costs_at_most_one_interval(shell, monkeypatch, seed):
     steps, loss = _unfaulted(shell)
     point = failpoint(seed)

@@ -39,6 +39,7 @@ def scored(shell):
 
 
 @pytest.mark.e2e
+@pytest.mark.spark35
 def test_predict_runs_on_the_executors_and_matches_the_model(scored, tmp_path):
     shell, job = scored
     df = shell.user_ns["df"]

@@ -54,6 +54,7 @@ def _zk(hosts: str):
 
 
 @pytest.mark.e2e
+@pytest.mark.spark35
 def test_ps_job_registers_in_zookeeper_and_cleans_up(shell, zookeeper):
     run(shell, ETL.format(name="pszk", rows=60000))
     seen, stop = [], threading.Event()

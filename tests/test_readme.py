@@ -11,6 +11,7 @@ README = Path(__file__).parents[1] / "README.md"
 
 
 @pytest.mark.e2e
+@pytest.mark.spark35
 def test_the_readme_sample_cells_run_as_written(shell):
     cells = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(cells) >= 4, "the sample: load, ETL, train, read the result"

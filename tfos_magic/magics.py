@@ -15,7 +15,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
 
 from . import api
-from .driver.spark_backend import backend_for
+from .driver.spark_backend import backend_for, schema_text
 from .job import Job, JobStore, RunOrigin
 from .job.store import check_name
 from .protocol.options import add_arguments, options_from
@@ -79,7 +79,7 @@ class TfosMagics(Magics):
         parts = backend_for(value.sparkSession).planned_partitions(value)
         shown = f"{parts} partitions" if parts is not None else "its shuffles decide the partitions when it runs"
         print(f"tfos job {args.job!r}: DataFrame registered ({shown}, Spark {value.sparkSession.version})")
-        print(value.schema.treeString().rstrip())
+        print(schema_text(value).rstrip())
 
     spark_etl.__doc__ = ETL.format_help()
 

@@ -104,16 +104,18 @@ def _registry(opts: TrainOptions, job: str) -> tuple[Any, RegistryPlan]:
 
 
 def _worker_profile(backend: SparkBackend, gpus: int, observers: JobObserver):
-    """Stage-level scheduling: GPUs for the workers where the cluster manager supports it."""
+    """GPUs for the workers: a resource profile of their stage where Spark has one for a
+    DataFrame's stage, else the session's task-level GPUs (the start line says which)."""
     if gpus <= 0:
         return None
     if backend.local:
         log.warning("tfos: --gpus-per-worker %d ignored: local mode has no stage-level scheduling", gpus)
         observers.on_log(f"tfos: note: --gpus-per-worker {gpus} is ignored in local mode (no stage-level scheduling).")
         return None
-    from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
-
-    return ResourceProfileBuilder().require(TaskResourceRequests().cpus(1).resource("gpu", gpus)).build
+    request = backend.gpu_request(gpus)
+    if request.note:
+        observers.on_log(f"tfos: note: {request.note}.")
+    return request.profile
 
 
 def reserve(store: JobStore, name: str) -> threading.Event:
@@ -359,7 +361,7 @@ def _acting_sink(channel: DriverChannel, name: str, sink: Callable[[dict[str, An
 def _attempt(backend: SparkBackend, frame: DataFrame, plan: TaskPlan, profile, monitor: RunMonitor,
              expected: list[tuple[str, int]], group: str, observers: JobObserver, stop: StopControl) -> None:
     opts = plan.options
-    stream = frame.mapInArrow(make_task(plan), RESULT_DDL, barrier=True, profile=profile)
+    stream = backend.map_in_arrow(frame, make_task(plan), RESULT_DDL, profile)
     jobs = AttemptJobs(backend, SparkJob(backend, group, f"tfos {plan.job}: {opts.workers} worker(s)", stream.collect))
     if opts.strategy == "ps":
         # A barrier stage too: each PS task then knows the address Spark reaches its executor at.

@@ -6,10 +6,14 @@ answers for a classic session (py4j to the driver's JVM). A Spark Connect sessio
 needs an implementation of its own (no RDDs, no SparkContext there), and the unit
 tests use a scripted fake (tests/spark_fake.py), so the supervisor's decisions are
 tested in milliseconds beside the real end-to-end runs.
+
+This is also the one place that tells Spark lines apart (3.5 and 4.x, docs/deploy.md):
+it asks the API for what it offers rather than comparing versions.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
@@ -19,8 +23,17 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from pyspark import InheritableThread
+from pyspark.sql import DataFrame
+
+from ..errors import TfosError
 
 log = logging.getLogger(__name__)
+
+# A DataFrame stage with a resource profile of its own (`mapInArrow(..., profile=)`):
+# Spark 4.0 and later. Before, the workers' GPUs come from the session's task-level
+# resources, which every task of the session holds.
+STAGE_PROFILES = "profile" in inspect.signature(DataFrame.mapInArrow).parameters
+TASK_GPUS = "spark.task.resource.gpu.amount"
 
 # How long a cancelled job may take to end before the caller goes on without it.
 CANCEL_WAIT_S = 60.0
@@ -45,6 +58,23 @@ class DriverAddresses:
     advertise: str
     bind: str
     tasks: str | None
+
+
+@dataclass(frozen=True)
+class GpuRequest:
+    """How each worker task gets its GPUs: `profile` for the workers' stage, or None when
+    they come from the session's task-level resources; `note` says which, for the start line."""
+
+    profile: Any
+    note: str | None = None
+
+
+def schema_text(df: Any) -> str:
+    """`df`'s schema as `printSchema` shows it, as text (StructType.treeString is 4.0+)."""
+    schema = df.schema
+    if hasattr(schema, "treeString"):
+        return str(schema.treeString())
+    return str(df._jdf.schema().treeString())
 
 
 class SparkBackend(ABC):
@@ -98,6 +128,15 @@ class SparkBackend(ABC):
     def barrier_tasks(self, count: int, fn: Callable[[], str]) -> Callable[[], list[str]]:
         """The action that runs `fn` once in each of `count` tasks of one barrier stage
         (all at once, each on a task slot of its own) and returns what they returned."""
+
+    @abstractmethod
+    def gpu_request(self, gpus: int) -> GpuRequest:
+        """How each worker task gets `gpus` GPUs on this cluster; refuses, naming the
+        setting to change, when the session cannot give them."""
+
+    @abstractmethod
+    def map_in_arrow(self, df: Any, fn: Callable[..., Any], schema: str, profile: Any = None) -> Any:
+        """`df.mapInArrow(fn, schema)` as one barrier stage, under `profile` if given."""
 
 
 class SparkJob:
@@ -222,6 +261,31 @@ class ClassicSpark(SparkBackend):
         rdd = self.sc.parallelize(range(count), count).barrier().mapPartitions(lambda _rows: [fn()])
         return rdd.collect
 
+    def gpu_request(self, gpus: int) -> GpuRequest:
+        if STAGE_PROFILES:
+            from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
+
+            return GpuRequest(ResourceProfileBuilder().require(TaskResourceRequests().cpus(1).resource("gpu", gpus)).build)
+        raw = self.sc.getConf().get(TASK_GPUS, None)
+        try:
+            have = float(raw) if raw is not None else 0.0
+        except ValueError:
+            have = 0.0
+        if have < gpus:
+            raise TfosError(
+                f"--gpus-per-worker {gpus}: Spark {self.sc.version} cannot give the workers' stage GPUs of its own "
+                f"(stage-level scheduling of a DataFrame needs Spark 4.0), so they come from the session's task-level "
+                f"resources, and this session gives each task {raw or 'no'} GPU(s) ({TASK_GPUS}). Create the "
+                f"session with --conf {TASK_GPUS}={gpus} (with spark.executor.resource.gpu.amount and a discovery "
+                "script, docs/deploy.md), or pass a smaller --gpus-per-worker.")
+        return GpuRequest(None, f"GPUs from the session's task-level resources: {have:g} a task ({TASK_GPUS}; "
+                                f"Spark {self.sc.version} has no stage-level scheduling for a DataFrame)")
+
+    def map_in_arrow(self, df: Any, fn: Callable[..., Any], schema: str, profile: Any = None) -> Any:
+        if profile is None:
+            return df.mapInArrow(fn, schema, barrier=True)
+        return df.mapInArrow(fn, schema, barrier=True, profile=profile)
+
 
 # Physical operators that run Spark jobs when their plan is turned into an RDD (a
 # broadcast collects its side), besides shuffles (an adaptive plan runs them then).
@@ -273,4 +337,9 @@ def _uniform_stage(rdd: Any) -> bool:
 
 def backend_for(spark: Any) -> SparkBackend:
     """The backend of the notebook's session."""
+    if type(spark).__module__.startswith("pyspark.sql.connect"):
+        raise TfosError(
+            "This is a Spark Connect session (spark.api.mode=connect, or a sc:// remote), and tfos-magic runs "
+            "its jobs through a classic session's SparkContext for now. Create a classic session in the notebook "
+            "(SparkSession.builder.master(...).getOrCreate() without spark.remote or spark.api.mode=connect).")
     return ClassicSpark(spark)
