@@ -252,3 +252,20 @@ def test_the_failing_process_s_own_report_wins_over_spark_s_earlier_word(monitor
         run_attempt(jobs, monitor, WORKERS, start_timeout=5.0, observers=JobObserver())
     assert str(err.value) == "worker 1: ValueError: bad label (cell line 4)" and not err.value.retryable
     assert time.monotonic() - started < 3.5
+
+
+def test_workers_that_stop_making_progress_fail_the_attempt_naming_their_last_events(monitor):
+    """Every TF process started, then none moves on: the stall timeout fails the attempt
+    (not retried), names each task's last event, and cancels the Spark job."""
+    spark, action = FakeSpark(), FakeAction()
+    jobs = AttemptJobs(spark, SparkJob(spark, GROUP, "workers", action))
+    for index in (0, 1):
+        send(monitor, "task", index, stage=3)
+        send(monitor, "started", index)
+    send(monitor, "step", 0, step=12, loss=0.5)
+    started = time.monotonic()
+    with pytest.raises(AttemptFailed, match="No progress from any worker for 1s") as err:
+        run_attempt(jobs, monitor, WORKERS, start_timeout=5.0, observers=JobObserver(), stall_timeout=1.0)
+    assert 1.0 <= time.monotonic() - started < 3.0
+    assert "worker 0" in str(err.value) or "worker/0" in str(err.value), err.value
+    assert not err.value.retryable and GROUP in spark.cancelled and not jobs.workers.running
