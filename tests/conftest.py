@@ -23,6 +23,7 @@ import pytest
 # starts TF without the mark fails naming the mark instead of quietly slowing the tier.
 FILE_TIERS = {
     "test_cluster.py": "cluster", "test_multihost.py": "cluster", "test_deploy.py": "cluster", "test_spark35.py": "cluster",
+    "test_connect.py": "cluster",
     "test_browser.py": "browser", "test_sidebar.py": "browser",
     "test_wheel.py": "wheel", "test_packaging.py": "wheel",
     "test_examples.py": "examples", "test_readme.py": "examples",

@@ -56,6 +56,8 @@ class FakeSpark(SparkBackend):
         self._actions: dict[str, FakeAction] = {}
         self.barrier_reports: list[str] = []
         self.age = 3600.0  # a settled session: its executors have registered
+        self.settings_given: dict[str, str] = {}
+        self.shipped: list[tuple[str, str]] = []
 
     def set_activity(self, group: str, done: int, total: int, running: int) -> None:
         self.activities[group] = GroupActivity(done, total, running)
@@ -78,8 +80,8 @@ class FakeSpark(SparkBackend):
     def feed_frame(self, df: Any, workers: int) -> Any:
         return df
 
-    def planned_partitions(self, df: Any) -> int | None:
-        return None
+    def partitions_text(self, df: Any) -> str:
+        return "its shuffles decide the partitions when it runs"
 
     def task_slots(self, profile: Any = None) -> int:
         return self.slots if profile is None or self.profile_slots is None else self.profile_slots
@@ -99,3 +101,18 @@ class FakeSpark(SparkBackend):
 
     def map_in_arrow(self, df: Any, fn: Callable[..., Any], schema: str, profile: Any = None) -> Any:
         raise NotImplementedError("the fake runs no stages")
+
+    def conf(self, key: str, default: str | None = None) -> str | None:
+        return self.settings_given.get(key, default)
+
+    def settings(self) -> dict[str, str]:
+        return dict(self.settings_given)
+
+    def ship_py_file(self, path: str) -> None:
+        self.shipped.append(("pyfile", path))
+
+    def ship_archive(self, uri: str, alias: str) -> None:
+        self.shipped.append(("archive", f"{uri}#{alias}"))
+
+    def ui_url(self) -> str | None:
+        return None

@@ -4,15 +4,17 @@ real jobs on pyspark 3.5 (test_spark35.py and the tests marked `spark35`)."""
 
 from __future__ import annotations
 
+import threading
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from packaging.requirements import Requirement
 
 from tfos_magic.driver import spark_backend
-from tfos_magic.driver.spark_backend import ClassicSpark, backend_for, schema_text
+from tfos_magic.driver.spark_backend import ClassicSpark, GroupActivity, backend_for, schema_text
 from tfos_magic.errors import TfosError
 
 ROOT = Path(__file__).parents[1]
@@ -24,6 +26,7 @@ def test_the_package_installs_beside_pyspark_35_and_4():
     for version in ("3.5.0", "3.5.9", "4.0.1", "4.3.0"):
         assert pyspark.specifier.contains(version), (pyspark, version)
     assert not pyspark.specifier.contains("3.4.4") and not pyspark.specifier.contains("5.0.0")
+    assert "connect" in pyspark.extras, "a Spark Connect session needs the client's packages"
 
 
 def test_without_stage_level_scheduling_gpus_come_from_the_sessions_task_resources(spark, monkeypatch):
@@ -52,7 +55,38 @@ def test_the_schema_prints_as_print_schema_does(spark):
     assert text.splitlines()[:2] == ["root", " |-- id: long (nullable = false)"], text
 
 
-def test_a_spark_connect_session_is_named_with_what_to_do():
-    connect_session = type("SparkSession", (), {"__module__": "pyspark.sql.connect.session"})()
-    with pytest.raises(TfosError, match="Spark Connect session.*classic session"):
-        backend_for(connect_session)
+def test_a_connect_client_older_than_spark_4_is_named_with_what_to_do():
+    old_client = type("SparkSession", (), {"__module__": "pyspark.sql.connect.session", "version": "3.5.9"})()
+    with pytest.raises(TfosError, match="Spark 4 Connect client.*classic session"):
+        backend_for(old_client)
+
+
+def test_connect_progress_reports_are_told_apart_by_the_thread_s_job_group():
+    """The Connect client calls its progress handler on the thread running the action:
+    the group that thread works under owns the stages. A broken report is dropped rather
+    than failing the user's action."""
+    from tfos_magic.driver.connect_backend import _Progress
+
+    progress = _Progress()
+    stage = SimpleNamespace
+    seen: dict[str, Any] = {}
+
+    def action(group: str, stages: list, inflight: int) -> None:
+        progress.current.group = group
+        progress(stages=stages, inflight_tasks=inflight, operation_id="op", done=False)
+        seen[group] = progress.activity(group)
+
+    threads = [threading.Thread(target=action, args=("a", [stage(stage_id=1, num_tasks=4, num_completed_tasks=1)], 3)),
+               threading.Thread(target=action, args=("b", [stage(stage_id=2, num_tasks=2, num_completed_tasks=2)], 0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert seen["a"] == GroupActivity(1, 4, 3) and seen["b"] == GroupActivity(2, 2, 0)
+    progress.current.group = "a"
+    progress(stages=[stage(stage_id=1, num_tasks=4, num_completed_tasks=4), stage(stage_id=5, num_tasks=2,
+                                                                              num_completed_tasks=0)],
+             inflight_tasks=0, operation_id="op", done=True)
+    assert progress.activity("a") == GroupActivity(4, 6, 0)
+    progress(stages=[object()], inflight_tasks=1, operation_id="op", done=False)  # no exception reaches Spark
+    assert progress.activity("nobody") is None

@@ -111,18 +111,23 @@ def _session_for(spec: JobSpec, namespace: dict[str, Any]) -> Any:
     from .session import get_spark
 
     settings = spec.spark or {}
-    return get_spark(namespace, master=settings.get("master"), conf=settings.get("conf"))
+    return get_spark(namespace, master=settings.get("master"), conf=settings.get("conf"), remote=settings.get("remote"))
 
 
 def spark_settings(spark: Any) -> dict[str, Any]:
     """The master and the conf keys a user set, for a session made again after a restart.
     Secrets (keys matching spark.redaction.regex) are stored redacted: a session made
     again takes them from the usual places (spark-defaults.conf, the environment)."""
-    all_conf = spark.sparkContext.getConf()
-    conf = {k: v for k, v in all_conf.getAll() if not k.startswith(_RUNTIME_CONF)}
+    from .driver.spark_backend import backend_for
+
+    backend = backend_for(spark)
+    conf = {k: v for k, v in backend.settings().items() if not k.startswith(_RUNTIME_CONF)}
     conf.pop("spark.master", None)
-    conf = redact_conf(conf, all_conf.get("spark.redaction.regex", None))
-    return {"master": spark.sparkContext.master, "conf": dict(sorted(conf.items()))}
+    conf = redact_conf(conf, backend.conf("spark.redaction.regex"))
+    settings = {"master": backend.master, "conf": dict(sorted(conf.items()))}
+    if backend.remote:
+        settings["remote"] = backend.remote
+    return settings
 
 
 # --- running ------------------------------------------------------------------------

@@ -76,8 +76,7 @@ class TfosMagics(Magics):
         args = ETL.parse_argstring(line)
         value = api.run_etl(args.job, cell, self.shell.user_ns, args.df, self.store)
         # Read from the plan: `value.rdd` would run every shuffle of an adaptive query here.
-        parts = backend_for(value.sparkSession).planned_partitions(value)
-        shown = f"{parts} partitions" if parts is not None else "its shuffles decide the partitions when it runs"
+        shown = backend_for(value.sparkSession).partitions_text(value)
         print(f"tfos job {args.job!r}: DataFrame registered ({shown}, Spark {value.sparkSession.version})")
         print(schema_text(value).rstrip())
 

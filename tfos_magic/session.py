@@ -12,20 +12,41 @@ from .job.spec import REDACTED
 
 
 def get_spark(user_ns: dict[str, Any] | None = None, master: str | None = None,
-              conf: dict[str, str] | None = None):
-    """Return the active SparkSession, else create one (bound as `spark`): on
-    TFOS_SPARK_MASTER, else `master` (a stored job's), else `local[*]`, with `conf` (the
-    settings a stored job ran with) under the ones this package needs."""
+              conf: dict[str, str] | None = None, remote: str | None = None):
+    """Return the notebook's `spark` when it is a Spark Connect session, else the active
+    classic one, else create one (bound as `spark`): a Connect session on `remote` (a
+    stored job's sc:// server), else on TFOS_SPARK_MASTER, else `master` (a stored
+    job's), else `local[*]`, with `conf` (the settings a stored job ran with) under the
+    ones this package needs."""
     from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
+    from .driver.spark_backend import held_session
+
+    given = (user_ns or {}).get("spark")
+    if held_session(given) is not None:
+        return given
     if SparkContext._active_spark_context is not None:
         spark = SparkSession.builder.getOrCreate()
+    elif remote and not os.environ.get("TFOS_SPARK_MASTER"):
+        spark = _connect(remote)
     else:
         spark = _create(master, conf or {})
-    if user_ns is not None and not isinstance(user_ns.get("spark"), SparkSession):
+    if user_ns is not None and not isinstance(given, SparkSession):
         user_ns["spark"] = spark
     return spark
+
+
+def _connect(remote: str):
+    """A Spark Connect session on the server a stored job ran on."""
+    from pyspark.sql import SparkSession
+
+    try:
+        return SparkSession.builder.remote(remote).getOrCreate()
+    except Exception as exc:  # noqa: BLE001 - gRPC errors have many types
+        raise TfosError(f"Could not connect to the Spark Connect server {remote} the job last ran on: "
+                        f"{str(exc).strip().splitlines()[0]}. Start it, or create the SparkSession yourself "
+                        "before the %%spark_etl cell (or set TFOS_SPARK_MASTER).") from None
 
 
 def executor_python(master: str, conf: dict[str, str]) -> str | None:

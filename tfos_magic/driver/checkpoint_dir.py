@@ -101,6 +101,11 @@ def check_visible(backend: SparkBackend, checkpoint_dir: str, marker: Visibility
     if local is None:  # an hdfs://, s3a:// or gs:// dir: the TF processes look with tf.io.gfile
         return
     slots = backend.task_slots()
+    if slots is None:
+        observers.on_log("tfos: note: this session does not tell how many task slots the cluster has, so the "
+                         "checkpoint dir is not checked on every executor beforehand; each training task checks it "
+                         "as it starts.")
+        return
     job = SparkJob(backend, group, "tfos: does every executor see the checkpoint dir?",
                    backend.barrier_tasks(slots, probe(local)))
     if not job.wait(PROBE_WAIT_S) or job.error is not None:

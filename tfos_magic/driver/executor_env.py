@@ -2,9 +2,10 @@
 (so that a Spark worker with only pyspark and pyarrow can run the feeder) and, with
 `--env`, the environment the TF processes run on.
 
-Both go through Spark's own mechanisms (`addPyFile`, `addArchive`), which work the same
-on local, standalone, YARN and Kubernetes masters: the cluster manager fetches and
-unpacks them on each executor before its first task of the job.
+Both go through Spark's own mechanisms (`addPyFile`, `addArchive` on a classic session,
+the session's artifacts on Spark Connect: `SparkBackend.ship_py_file`/`ship_archive`),
+which work the same on local, standalone, YARN and Kubernetes masters: the cluster
+manager fetches and unpacks them on each executor before its first task of the job.
 """
 
 from __future__ import annotations
@@ -16,28 +17,27 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from pyspark import SparkContext
-
 from ..errors import TfosError
 from ..protocol.plan import EnvPlan
 from ..protocol.versions import versions
+from .spark_backend import SparkBackend
 
 PACKAGE = Path(__file__).resolve().parents[1]
 # What Spark unpacks as an archive (org.apache.spark.util.Utils.unpack); anything else is a directory.
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".jar")
-# Zip files added to each SparkContext, by content: adding one again is a no-op.
+# Zip files added to each session, by content: adding one again is a no-op.
 _SHIPPED: dict[int, set[str]] = {}
 
 
-def ship_package(sc: SparkContext) -> str:
-    """Add the package's Python modules as a zip to `sc`, once per content. A Spark task
+def ship_package(backend: SparkBackend) -> str:
+    """Add the package's Python modules as a zip to the session, once per content. A Spark task
     imports only task/ and protocol/ from it; the rest travels so that nothing of the
     package is ever half there. Named by content hash: a changed package is a new file."""
     target = package_zip()
-    shipped = _SHIPPED.setdefault(id(sc), set())
+    shipped = _SHIPPED.setdefault(backend.session_key, set())
     if target.name in shipped:
         return target.name
-    sc.addPyFile(str(target))
+    backend.ship_py_file(str(target))
     shipped.add(target.name)
     return target.name
 
@@ -113,9 +113,9 @@ def _owned_and_private(path: Path) -> bool:
 _FALLBACK: Path | None = None
 
 
-def plan_env(sc: SparkContext, given: str | None) -> EnvPlan:
+def plan_env(backend: SparkBackend, given: str | None) -> EnvPlan:
     """The job's `--env` (or $TFOS_EXECUTOR_ENV) as the tasks will find it; an archive is
-    added to `sc` so that Spark ships it. The kernel's versions go with it: each task
+    added to the session so that Spark ships it. The kernel's versions go with it: each task
     checks the environment against them before it starts a TF process."""
     kernel = versions()
     if not given:
@@ -135,7 +135,9 @@ def plan_env(sc: SparkContext, given: str | None) -> EnvPlan:
     # that follows the file's mtime and size ships a rebuilt archive again.
     alias = "tfos-env-" + hashlib.sha256(f"{uri}|{stamp}".encode()).hexdigest()[:12]
     try:
-        sc.addArchive(f"{uri}#{alias}")
+        backend.ship_archive(uri, alias)
+    except TfosError:
+        raise
     except Exception as exc:  # noqa: BLE001 - py4j errors have many types
         raise TfosError(f"--env {given}: Spark could not add the archive: "
                         f"{str(exc).strip().splitlines()[0][:500]}") from None

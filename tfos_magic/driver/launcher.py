@@ -198,11 +198,13 @@ class _Planned:
 def _plan(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: DataFrame | None,
           observers: JobObserver) -> _Planned:
     """Check the job against the cluster and plan it; nothing of it runs yet."""
-    opts, name, sc = spec.options, spec.name, spark.sparkContext
+    opts, name = spec.options, spec.name
     backend = backend_for(spark)
     entry = check_train_source(spec.train_source or "", name)
     _check_strategy(opts, fit_hooks(spec.train_source or "", name) if entry == "build_model" else [])
-    check_dynamic_allocation(sc)
+    check_dynamic_allocation(backend)
+    for missing in backend.lacks:
+        observers.on_log(f"tfos: note: this session does not offer {missing}.")
     profile = _worker_profile(backend, opts.gpus_per_worker, observers)
     ps = opts.ps if opts.strategy == "ps" else 0
     check_slots(backend, opts.workers, f"--workers {opts.workers}" + (f" plus --ps {ps}" if ps else ""),
@@ -213,8 +215,8 @@ def _plan(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Data
     frame = backend.feed_frame(frame, opts.workers)
     checkpoint_dir = checkpoint_dir_for(opts.checkpoint_dir, store, name)
     check_writable(checkpoint_dir)
-    ship_package(sc)  # the executors' Python needs only pyspark and pyarrow of its own
-    env_plan = plan_env(sc, opts.env)
+    ship_package(backend)  # the executors' Python needs only pyspark and pyarrow of its own
+    env_plan = plan_env(backend, opts.env)
     run = int((store.read_state(name) or {}).get("run", 0)) + 1
     # Job groups are unique in the session: a cancelled group stays cancelled for any job
     # submitted in it later (cancelJobGroupAndFutureJobs), and a job made again from

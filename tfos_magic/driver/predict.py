@@ -16,6 +16,8 @@ from ..protocol.feed_spec import FeedSpec
 from ..protocol.model_file import ModelRef
 from ..task.predictor import INPUT_PREFIX, predict_fn
 from .columns import cast_column, prepare
+from .executor_env import ship_package
+from .spark_backend import backend_for
 
 
 def trained_feed(state: dict[str, Any], options: Any, df: DataFrame) -> FeedSpec:
@@ -46,5 +48,6 @@ def predict(df: DataFrame, model: ModelRef, spec: FeedSpec, output_col: str, out
         wide = wide.na.fill(fillna, subset=[INPUT_PREFIX + c.name for c in spec.features if not c.is_array])
     value: T.DataType = T.FloatType() if outputs == 1 else T.ArrayType(T.FloatType(), containsNull=False)
     schema = T.StructType(df.schema.fields + [T.StructField(output_col, value, nullable=False)])
+    ship_package(backend_for(df.sparkSession))  # a session that trained nothing yet has no copy
     return wide.mapInArrow(predict_fn(model, spec.to_dict(), list(df.columns), output_col, outputs),
                            schema)

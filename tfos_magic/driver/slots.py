@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from pyspark import SparkContext
-
 from ..errors import TfosError
 from .spark_backend import SparkBackend
 
@@ -21,15 +19,14 @@ from .spark_backend import SparkBackend
 REGISTRATION_WAIT = 15.0
 
 
-def check_dynamic_allocation(sc: SparkContext) -> None:
+def check_dynamic_allocation(backend: SparkBackend) -> None:
     """Spark refuses barrier stages while dynamic allocation is on, outside local mode
     (BarrierJobRunWithDynamicAllocationException); YARN platforms such as EMR and Dataproc
     turn it on by default. The setting is read when the SparkContext starts, so no job can
     switch it off: the session must be created again with the settings named here."""
-    conf = sc.getConf()
-    enabled = conf.get("spark.dynamicAllocation.enabled", "false").strip().lower() == "true"
-    testing = conf.get("spark.dynamicAllocation.testing", "false").strip().lower() == "true"
-    if not enabled or (sc.master.startswith("local") and not testing):
+    enabled = (backend.conf("spark.dynamicAllocation.enabled") or "false").strip().lower() == "true"
+    testing = (backend.conf("spark.dynamicAllocation.testing") or "false").strip().lower() == "true"
+    if not enabled or (backend.local and not testing):
         return
     raise TfosError(
         "This Spark session has dynamic allocation on (spark.dynamicAllocation.enabled=true), and Spark "
@@ -45,13 +42,16 @@ def check_slots(backend: SparkBackend, needed: int, what: str, profile: Any = No
     """Refuse a job the cluster cannot run at once: `needed` tasks under `profile` (the
     workers, with their GPUs), and `others` more under the default profile (the
     parameter servers). Outside local mode, executors that are still registering get up
-    to `wait` seconds after the session started: a settled cluster is answered at once."""
+    to `wait` seconds after the session started: a settled cluster is answered at once.
+    A session that cannot count its slots (Spark Connect on a cluster) is not checked."""
     if needed < 1:
         raise TfosError(f"{what} needs at least one task; got {needed}.")
+    if backend.task_slots(profile) is None or backend.task_slots() is None:
+        return
     deadline = time.monotonic() + (0 if backend.local else max(0.0, wait - backend.session_age()))
     while True:
-        slots = backend.task_slots(profile)
-        default = backend.task_slots() if profile is not None else slots
+        slots = backend.task_slots(profile) or 0
+        default = (backend.task_slots() or 0) if profile is not None else slots
         fits = needed <= slots and needed + others <= default
         if fits or time.monotonic() >= deadline:
             break

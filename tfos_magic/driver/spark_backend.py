@@ -2,10 +2,11 @@
 
 The launcher and the supervisor never reach for the SparkContext, its status tracker
 or a DataFrame's JVM plan themselves: they ask a `SparkBackend`. `ClassicSpark`
-answers for a classic session (py4j to the driver's JVM). A Spark Connect session
-needs an implementation of its own (no RDDs, no SparkContext there), and the unit
-tests use a scripted fake (tests/spark_fake.py), so the supervisor's decisions are
-tested in milliseconds beside the real end-to-end runs.
+answers for a classic session (py4j to the driver's JVM); `ConnectSpark`
+(driver/connect_backend.py) for a Spark Connect session, which has no RDDs and no
+SparkContext; `backend_for` picks one from the session. The unit tests use a scripted
+fake (tests/spark_fake.py), so the supervisor's decisions are tested in milliseconds
+beside the real end-to-end runs.
 
 This is also the one place that tells Spark lines apart (3.5 and 4.x, docs/deploy.md):
 it asks the API for what it offers rather than comparing versions.
@@ -79,9 +80,15 @@ def schema_text(df: Any) -> str:
 
 class SparkBackend(ABC):
     """The Spark calls of the driver side: run and cancel job groups, watch their
-    stages, decide how a frame is split among the workers, and count task slots."""
+    stages, decide how a frame is split among the workers, count task slots, ship files
+    to the executors and read the session's settings."""
 
     master: str
+    # What the session cannot offer the job, said once on its start line (Connect: the UI
+    # link, the slot count); empty for a classic session.
+    lacks: tuple[str, ...] = ()
+    # The Spark Connect server a session made again after a restart connects to (sc://host:port).
+    remote: str | None = None
 
     @property
     def local(self) -> bool:
@@ -108,13 +115,14 @@ class SparkBackend(ABC):
         outside the job, with no progress shown and no way to stop it."""
 
     @abstractmethod
-    def planned_partitions(self, df: Any) -> int | None:
-        """`df`'s partition count if the plan fixes it without running anything, else None
-        (an adaptive plan decides it as its shuffles run)."""
+    def partitions_text(self, df: Any) -> str:
+        """How `df` is split, as the %%spark_etl cell says it, read without running
+        anything: "N partitions" when the plan fixes it, else why it cannot tell."""
 
     @abstractmethod
-    def task_slots(self, profile: Any = None) -> int:
-        """Tasks the cluster can run at once under `profile` (None: the default one)."""
+    def task_slots(self, profile: Any = None) -> int | None:
+        """Tasks the cluster can run at once under `profile` (None: the default one);
+        None when the session cannot tell."""
 
     @abstractmethod
     def session_age(self) -> float:
@@ -138,6 +146,37 @@ class SparkBackend(ABC):
     def map_in_arrow(self, df: Any, fn: Callable[..., Any], schema: str, profile: Any = None) -> Any:
         """`df.mapInArrow(fn, schema)` as one barrier stage, under `profile` if given."""
 
+    @abstractmethod
+    def conf(self, key: str, default: str | None = None) -> str | None:
+        """One of the session's settings (a Spark conf key), else `default`."""
+
+    @abstractmethod
+    def settings(self) -> dict[str, str]:
+        """Every setting of the session that can be read, to make it again after a restart."""
+
+    @abstractmethod
+    def ship_py_file(self, path: str) -> None:
+        """Put a local .zip or .py on the executors' Python path for this session's tasks."""
+
+    @abstractmethod
+    def ship_archive(self, uri: str, alias: str) -> None:
+        """Have each executor unpack the archive at `uri` as `alias` in the folder of the
+        session's files (`SparkFiles.get(alias)` in a task)."""
+
+    @abstractmethod
+    def ui_url(self) -> str | None:
+        """The Spark UI's address, where the session has one."""
+
+    @property
+    def session_key(self) -> int:
+        """Identifies the session: what was shipped to one need not be shipped again."""
+        return id(self)
+
+    def thread(self, target: Callable[[], None], name: str) -> threading.Thread:
+        """A daemon thread for a Spark action: on a classic session it inherits the
+        caller's local properties (pyspark's InheritableThread)."""
+        return InheritableThread(target=target, name=name, daemon=True)
+
 
 class SparkJob:
     """One Spark action in its own job group and thread, so it can be watched and cancelled."""
@@ -157,7 +196,7 @@ class SparkJob:
             finally:
                 self._done.set()
 
-        self.thread = InheritableThread(target=body, name=group, daemon=True)
+        self.thread = backend.thread(body, group)
         self.thread.start()
 
     @property
@@ -227,10 +266,10 @@ class ClassicSpark(SparkBackend):
             return df
         return df.repartition(workers)
 
-    def planned_partitions(self, df: Any) -> int | None:
+    def partitions_text(self, df: Any) -> str:
         if _runs_when_planned(df._jdf.queryExecution().executedPlan()):
-            return None
-        return int(df._jdf.rdd().getNumPartitions())
+            return "its shuffles decide the partitions when it runs"
+        return f"{int(df._jdf.rdd().getNumPartitions())} partitions"
 
     def task_slots(self, profile: Any = None) -> int:
         jsc = self.sc._jsc.sc()
@@ -263,9 +302,7 @@ class ClassicSpark(SparkBackend):
 
     def gpu_request(self, gpus: int) -> GpuRequest:
         if STAGE_PROFILES:
-            from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
-
-            return GpuRequest(ResourceProfileBuilder().require(TaskResourceRequests().cpus(1).resource("gpu", gpus)).build)
+            return GpuRequest(stage_gpus(gpus))
         raw = self.sc.getConf().get(TASK_GPUS, None)
         try:
             have = float(raw) if raw is not None else 0.0
@@ -282,9 +319,40 @@ class ClassicSpark(SparkBackend):
                                 f"Spark {self.sc.version} has no stage-level scheduling for a DataFrame)")
 
     def map_in_arrow(self, df: Any, fn: Callable[..., Any], schema: str, profile: Any = None) -> Any:
-        if profile is None:
-            return df.mapInArrow(fn, schema, barrier=True)
-        return df.mapInArrow(fn, schema, barrier=True, profile=profile)
+        return barrier_map(df, fn, schema, profile)
+
+    def conf(self, key: str, default: str | None = None) -> str | None:
+        return self.sc.getConf().get(key, default)
+
+    def settings(self) -> dict[str, str]:
+        return dict(self.sc.getConf().getAll())
+
+    def ship_py_file(self, path: str) -> None:
+        self.sc.addPyFile(path)
+
+    def ship_archive(self, uri: str, alias: str) -> None:
+        self.sc.addArchive(f"{uri}#{alias}")
+
+    def ui_url(self) -> str | None:
+        return self.sc.uiWebUrl
+
+    @property
+    def session_key(self) -> int:
+        return id(self.sc)
+
+
+def barrier_map(df: Any, fn: Callable[..., Any], schema: str, profile: Any = None) -> Any:
+    """`df.mapInArrow(fn, schema)` as one barrier stage, under `profile` if given (4.0+)."""
+    if profile is None:
+        return df.mapInArrow(fn, schema, barrier=True)
+    return df.mapInArrow(fn, schema, barrier=True, profile=profile)
+
+
+def stage_gpus(gpus: int) -> Any:
+    """A resource profile of 1 CPU and `gpus` GPUs a task, for the workers' stage."""
+    from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
+
+    return ResourceProfileBuilder().require(TaskResourceRequests().cpus(1).resource("gpu", gpus)).build
 
 
 # Physical operators that run Spark jobs when their plan is turned into an RDD (a
@@ -335,11 +403,21 @@ def _uniform_stage(rdd: Any) -> bool:
     return True
 
 
+def is_connect(spark: Any) -> bool:
+    """Whether `spark` is a Spark Connect session (an sc:// remote, or spark.api.mode=connect)."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def held_session(value: Any) -> Any | None:
+    """`value` (the notebook's `spark`) when only the notebook can lead to it: a Spark
+    Connect session, which no SparkContext of this process knows; else None."""
+    return value if value is not None and is_connect(value) else None
+
+
 def backend_for(spark: Any) -> SparkBackend:
-    """The backend of the notebook's session."""
-    if type(spark).__module__.startswith("pyspark.sql.connect"):
-        raise TfosError(
-            "This is a Spark Connect session (spark.api.mode=connect, or a sc:// remote), and tfos-magic runs "
-            "its jobs through a classic session's SparkContext for now. Create a classic session in the notebook "
-            "(SparkSession.builder.master(...).getOrCreate() without spark.remote or spark.api.mode=connect).")
+    """The backend of the notebook's session: Connect or classic."""
+    if is_connect(spark):
+        from .connect_backend import ConnectSpark
+
+        return ConnectSpark(spark)
     return ClassicSpark(spark)

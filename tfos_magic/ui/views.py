@@ -24,7 +24,9 @@ def observers_for(shell: Any, spec: JobSpec, spark: Any = None, has_validation: 
 
         ui = None
         if spark is not None:
-            ui = spark.sparkContext.uiWebUrl
+            from ..driver.spark_backend import backend_for
+
+            ui = backend_for(spark).ui_url()
         views.append(DashboardObserver(spec.name, epochs=opts.epochs, workers=opts.workers, ps=ps,
                                        has_validation=has_validation, spark_ui=ui))
     elif not (background and type(shell).__name__ == "ZMQInteractiveShell"):
