@@ -6,8 +6,9 @@ distribution, `SparkConnectServer` through spark-submit). On each:
 - a shuffle ETL shows its stages as progress, a 2-worker all-reduce job with a
   validation frame trains, and its model predicts on the executors;
 - a ps job trains;
-- `%tfos_stop` (the path of the dashboard's and the sidebar's stop) ends a running job
-  within 15 s, with no TF process and no Spark operation left;
+- `%tfos_stop` (the path of the dashboard's and the sidebar's stop) and a kernel interrupt
+  end a running job within 15 s at a checkpoint, with no TF process and no Spark
+  operation left;
 - `--env` ships an archive through the session's artifacts, and the TF processes run its
   Python.
 
@@ -26,7 +27,7 @@ import sysconfig
 import time
 
 import pytest
-from conftest import make_venv, regression_cell, tf_processes_gone
+from conftest import assert_stop_checkpoint, make_venv, regression_cell, tf_processes_gone
 from test_cluster import Kernel
 
 from tfos_magic import get_job
@@ -151,24 +152,48 @@ def test_a_ps_job_trains(connect_kernel):
     assert tf_processes_gone("tfos-cx_ps-")
 
 
-def test_a_stop_ends_a_running_job_within_15s_with_nothing_left_running(connect_kernel):
+def _training(home: str, name: str, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not [e for e in get_job(name, home).events if e["kind"] == "step"]:
+        assert time.time() < deadline, get_job(name, home).events[-5:]
+        time.sleep(0.3)
+
+
+def _nothing_left(kernel, name: str) -> None:
+    """No TF process of the job, and no operation of the session still running on the server."""
+    assert tf_processes_gone(f"tfos-{name}-")
+    out = _ok(kernel, "print('LEFT', spark.interruptAll())")
+    assert "LEFT []" in out, out
+
+
+def test_a_stop_and_an_interrupt_end_a_running_job_within_15s_with_nothing_left_running(connect_kernel):
     kernel, home, kind = connect_kernel
+    train = "%%tf_train {name} --workers 2 --epochs 50 --batch-size 32 --label y --restart {flags}\n" + MODEL
     _ok(kernel, SMALL_ETL.format(name="cx_stop", rows=200000))
-    _ok(kernel, "%%tf_train cx_stop --workers 2 --epochs 50 --batch-size 32 --label y --restart --background\n"
-        + MODEL)
-    deadline = time.time() + 180
-    while not [e for e in get_job("cx_stop", home).events if e["kind"] == "step"]:
-        assert time.time() < deadline, get_job("cx_stop", home).events[-5:]
-        time.sleep(0.5)
+    _ok(kernel, train.format(name="cx_stop", flags="--background"))
+    _training(home, "cx_stop")
     started = time.monotonic()
     out = _ok(kernel, "%tfos_stop cx_stop", timeout=60)
     took = time.monotonic() - started
     assert "stopped" in out and took < 15, (took, out)
-    assert get_job("cx_stop", home).state == "stopped"
-    assert tf_processes_gone("tfos-cx_stop-")
-    # No operation of the session is left running on the server.
-    out = _ok(kernel, "print('LEFT', spark.interruptAll())")
-    assert "LEFT []" in out, out
+    job = get_job("cx_stop", home)
+    assert job.state == "stopped"
+    assert_stop_checkpoint(job)
+    _nothing_left(kernel, "cx_stop")
+    # A kernel interrupt while a job trains in the cell.
+    _ok(kernel, SMALL_ETL.format(name="cx_int", rows=200000))
+    msg = kernel.kc.execute(train.format(name="cx_int", flags=""))
+    _training(home, "cx_int")
+    started = time.monotonic()
+    kernel.km.interrupt_kernel()
+    reply = kernel.kc.get_shell_msg(timeout=60)
+    while reply["parent_header"].get("msg_id") != msg:
+        reply = kernel.kc.get_shell_msg(timeout=60)
+    assert reply["content"]["ename"] == "KeyboardInterrupt" and time.monotonic() - started < 15, reply["content"]
+    job = get_job("cx_int", home)
+    assert job.state == "stopped"
+    assert_stop_checkpoint(job)
+    _nothing_left(kernel, "cx_int")
 
 
 def test_an_env_archive_travels_through_the_sessions_artifacts(connect_kernel, tmp_path):
