@@ -111,7 +111,8 @@ class ConnectSpark(SparkBackend):
         # A server this process started (spark.api.mode=connect on a master) is made again
         # the same way; another is reached at its address (without any token in its URL).
         self.started_here = "SPARK_LOCAL_REMOTE" in os.environ
-        self.remote = None if self.started_here else f"sc://{spark.client._builder.endpoint}"
+        endpoint = getattr(getattr(spark.client, "_builder", None), "endpoint", None)  # host:port, no token
+        self.remote = None if self.started_here or not endpoint else f"sc://{endpoint}"
         lacks = ["a link to the Spark UI (on Spark Connect the UI is the server's)"]
         if self.task_slots() is None:
             lacks.append(f"a count of the cluster's task slots (Spark Connect, master {self.master}): a job larger "
