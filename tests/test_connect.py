@@ -242,3 +242,6 @@ def test_after_a_kernel_restart_a_job_resumes_on_the_server_it_ran_on(connect_se
     assert [h["epoch"] for h in job.history] == [1, 2], job.history
     restored = [e for e in job.events if e["kind"] == "training" and e.get("restored_from")]
     assert restored, [e for e in job.events if e["kind"] == "training"]  # continued, not started over
+    status = subprocess.run([os.path.join(sys.prefix, "bin", "tfos"), "status", "cx_resume"], capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert status.returncode == 0 and re.search(rf"spark:\s+{re.escape(connect_server)}\n", status.stdout), status

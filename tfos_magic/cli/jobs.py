@@ -62,7 +62,8 @@ def status(name: str, as_json: bool = False) -> int:
         ("latest checkpoint", info["latest_checkpoint"] or "none"),
         ("last metrics", ", ".join(f"{k}={_num(v)}" for k, v in (info["last_metrics"] or {}).items()) or "none"),
         ("options", " ".join(f"{k}={v}" for k, v in info["options"].items() if v != DEFAULTS.get(k)) or "defaults"),
-        ("spark", (info["spark"] or {}).get("master") or "-"),
+        # A Connect job's server (sc://host:port) says more than the server's own master.
+        ("spark", (info["spark"] or {}).get("remote") or (info["spark"] or {}).get("master") or "-"),
         ("dir", info["dir"]),
     ]
     if info["error"]:
