@@ -33,8 +33,7 @@ import time
 from typing import Any, Callable
 
 from ..errors import TfosError
-from .spark_backend import (STAGE_PROFILES, DriverAddresses, GpuRequest, GroupActivity, SparkBackend, barrier_map,
-                            stage_gpus)
+from .spark_backend import STAGE_PROFILES, DriverAddresses, GpuRequest, GroupActivity, SparkBackend, stage_gpus
 
 _LOCAL_MASTER = re.compile(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?$")
 
@@ -181,9 +180,6 @@ class ConnectSpark(SparkBackend):
 
     def gpu_request(self, gpus: int) -> GpuRequest:
         return GpuRequest(stage_gpus(gpus))
-
-    def map_in_arrow(self, df: Any, fn: Callable[..., Any], schema: str, profile: Any = None) -> Any:
-        return barrier_map(df, fn, schema, profile)
 
     def conf(self, key: str, default: str | None = None) -> str | None:
         try:

@@ -142,9 +142,12 @@ class SparkBackend(ABC):
         """How each worker task gets `gpus` GPUs on this cluster; refuses, naming the
         setting to change, when the session cannot give them."""
 
-    @abstractmethod
     def map_in_arrow(self, df: Any, fn: Callable[..., Any], schema: str, profile: Any = None) -> Any:
-        """`df.mapInArrow(fn, schema)` as one barrier stage, under `profile` if given."""
+        """`df.mapInArrow(fn, schema)` as one barrier stage, under `profile` if given (4.0+):
+        the same call on a classic and a Connect session."""
+        if profile is None:
+            return df.mapInArrow(fn, schema, barrier=True)
+        return df.mapInArrow(fn, schema, barrier=True, profile=profile)
 
     @abstractmethod
     def conf(self, key: str, default: str | None = None) -> str | None:
@@ -318,9 +321,6 @@ class ClassicSpark(SparkBackend):
         return GpuRequest(None, f"GPUs from the session's task-level resources: {have:g} a task ({TASK_GPUS}; "
                                 f"Spark {self.sc.version} has no stage-level scheduling for a DataFrame)")
 
-    def map_in_arrow(self, df: Any, fn: Callable[..., Any], schema: str, profile: Any = None) -> Any:
-        return barrier_map(df, fn, schema, profile)
-
     def conf(self, key: str, default: str | None = None) -> str | None:
         return self.sc.getConf().get(key, default)
 
@@ -339,13 +339,6 @@ class ClassicSpark(SparkBackend):
     @property
     def session_key(self) -> int:
         return id(self.sc)
-
-
-def barrier_map(df: Any, fn: Callable[..., Any], schema: str, profile: Any = None) -> Any:
-    """`df.mapInArrow(fn, schema)` as one barrier stage, under `profile` if given (4.0+)."""
-    if profile is None:
-        return df.mapInArrow(fn, schema, barrier=True)
-    return df.mapInArrow(fn, schema, barrier=True, profile=profile)
 
 
 def stage_gpus(gpus: int) -> Any:
