@@ -120,8 +120,14 @@ def build_model():
 }
 
 
+KERAS_ENV = "TFOS_BENCH_KERAS"  # "3": every path runs the same model written with `import keras` (bench/keras3.py)
+
+
 def model_source(workload: str, steps_per_execution: int) -> str:
-    return f"STEPS_PER_EXECUTION = {steps_per_execution}\n" + MODELS[workload]
+    source = MODELS[workload]
+    if os.environ.get(KERAS_ENV) == "3":
+        source = source.replace("import tensorflow as tf", "import keras").replace("tf.keras.", "keras.")
+    return f"STEPS_PER_EXECUTION = {steps_per_execution}\n" + source
 
 
 # --- data -------------------------------------------------------------------------------
@@ -186,7 +192,14 @@ def child_main(argv: list[str]) -> None:
     namespace: dict[str, Any] = {"__name__": "__e2e_model__"}
     exec(compile(model_source(a.workload, spe), f"<{a.workload} model>", "exec"), namespace)
 
-    class EpochTimer(tf.keras.callbacks.Callback):
+    if os.environ.get(KERAS_ENV) == "3":
+        import keras
+
+        base: Any = keras.callbacks.Callback
+    else:
+        base = tf.keras.callbacks.Callback
+
+    class EpochTimer(base):
         def __init__(self) -> None:
             super().__init__()
             self.epochs: list[dict[str, float]] = []

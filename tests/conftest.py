@@ -325,6 +325,18 @@ def build_model():
 """
 
 
+def keras3_cell(inputs: int, hidden: int, learning_rate: float | str, metrics: str = "[]") -> str:
+    """regression_cell written as keras.io's guides write it today: `import keras` (Keras 3)."""
+    return f"""
+import keras
+def build_model():
+    m = keras.Sequential([keras.Input(({inputs},)), keras.layers.Dense({hidden}, activation="relu"),
+                          keras.layers.Dense(1)])
+    m.compile(optimizer=keras.optimizers.Adam({learning_rate}), loss="mse", metrics={metrics})
+    return m
+"""
+
+
 def regression_cell(inputs: int, hidden: int, learning_rate: float | str) -> str:
     """The train-cell body the end-to-end tests share: a small MLP regressor for `build_model()`.
     `learning_rate` is a number or the source of a schedule."""

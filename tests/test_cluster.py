@@ -13,7 +13,7 @@ import os
 import time
 
 import pytest
-from conftest import regression_cell, tf_processes_gone
+from conftest import keras3_cell, regression_cell, tf_processes_gone
 from test_faults import _final_step, check_recovery, failpoint
 from jupyter_client.manager import start_new_kernel
 
@@ -99,6 +99,30 @@ def test_allreduce_job_on_a_standalone_cluster(cluster_kernel):
     # Each TF process saw exactly the one GPU Spark assigned to its task (fake addresses 0-3).
     gpus = [e.get("gpus") for e in job.events if e["kind"] == "started"]
     assert len(gpus) == 2 and all(g in {"0", "1", "2", "3"} for g in gpus) and gpus[0] != gpus[1], gpus
+
+
+def test_a_keras3_job_on_a_standalone_cluster(cluster_kernel):
+    """The cell written with `import keras`: the step loop trains it on the cluster's
+    executors, with validation; the kernel loads a Keras 3 model that agrees with the
+    executors' predictions."""
+    kernel, home = cluster_kernel
+    reply, out = kernel.run(ETL_VAL.format(name="k3_sa").replace("\n                   + 0.5 * F.randn(seed=9)", ""))
+    assert reply["status"] == "ok", out
+    reply, out = kernel.run("%%tf_train k3_sa --workers 2 --epochs 3 --batch-size 128 --label y --validation-df val "
+                            "--restart\n" + keras3_cell(inputs=4, hidden=16, learning_rate=0.01))
+    assert reply["status"] == "ok", out
+    job = get_job("k3_sa", home)
+    assert job.state == "succeeded" and _loss_drop(job) < 0.3, job.history
+    assert all("val_loss" in row for row in job.history), job.history
+    reply, out = kernel.run("import keras, numpy as np\nfrom tfos_magic import get_job\n_j = get_job('k3_sa')\n"
+                            # Each scored row with its own features (a limit's rows differ between two jobs).
+                            "_m = _j.load_model()\n_p = _j.predict(val.limit(300)).toPandas()\n"
+                            "_mine = _m.predict(_p[['x0', 'x1', 'x2', 'x3']].to_numpy('float32'), verbose=0)[:, 0]\n"
+                            "print('KERAS3', isinstance(_m, keras.Model), len(_p), "
+                            "float(np.abs(_p['prediction'].to_numpy() - _mine).max()))")
+    assert reply["status"] == "ok", out
+    is_keras3, rows, worst = out.split("KERAS3 ")[1].split()[:3]
+    assert is_keras3 == "True" and rows == "300" and float(worst) < 1e-3, out
 
 
 def test_slots_are_counted_with_the_gpus_each_worker_asks_for(cluster_kernel):

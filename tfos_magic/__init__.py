@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import JobFailed, TfosError
 
-# The workers run legacy tf.keras (Keras 3 lacks multi-worker and PS support); a process
-# that imports this package before TensorFlow (a kernel, a script calling
-# get_job(...).load_model()) gets the same tf.keras, so models and cells load as trained.
+# `tf.keras` is legacy Keras 2 in the workers (a legacy model trains with `fit`, which
+# Keras 3 cannot run under MultiWorkerMirroredStrategy), and `keras` is Keras 3 there, as
+# everywhere. A process that imports this package before TensorFlow (a kernel, a script
+# calling get_job(...).load_model()) gets the same `tf.keras`, so a cell means the same
+# in both places and a legacy model loads as trained (README: Keras 3 and legacy tf.keras).
 if "tensorflow" not in sys.modules:
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 

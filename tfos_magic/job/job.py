@@ -95,8 +95,9 @@ class Job:
         return saved[-1] if saved else join_uri(self.checkpoint_dir, MODEL_FILE)
 
     def load_model(self, compile: bool = True):
-        """Load the trained tf.keras model in the kernel (legacy Keras, as the workers used),
-        with the train cell's classes and functions: they come from the job's stored cell,
+        """Load the trained model in the kernel with the Keras that trained it (a Keras 3
+        `keras.Model`, or a legacy tf.keras model), with the train cell's classes and
+        functions: they come from the job's stored cell,
         so this works in a new kernel too, and the notebook's own variables are untouched."""
         with native_stderr_held():
             import tensorflow as tf
@@ -106,7 +107,7 @@ class Job:
             raise TfosError(
                 f"Job {self.name!r} has no saved model at {path} (state: {self.state}). "
                 "A model is saved when a build_model() job finishes, or when train(ctx) "
-                "returns its tf.keras model."
+                "returns its Keras model."
             )
         return load_model(path, self.spec.train_source, self.name, compile=compile)
 
@@ -114,7 +115,7 @@ class Job:
         saved = [e for e in self.store.events(self.name) if e.get("kind") == "model"]
         if not saved:
             raise TfosError(f"Job {self.name!r} has no trained model to use (state: {self.state}). A model is saved "
-                            "when a build_model() job finishes, or when train(ctx) returns its tf.keras model.")
+                            "when a build_model() job finishes, or when train(ctx) returns its Keras model.")
         return saved[-1]
 
     def predict(self, df: Any, output_col: str = "prediction") -> Any:

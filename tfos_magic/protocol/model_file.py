@@ -11,6 +11,7 @@ the job's checkpoint dir names, whose permissions are the storage's (docs/securi
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import re
 import stat
@@ -20,6 +21,7 @@ from typing import Any
 
 from ..errors import TfosError
 from .cell_definitions import CellDefinitions
+from .keras_kinds import LEGACY, saved_kind
 from .logs import native_stderr_held
 from .paths import local_path
 
@@ -64,16 +66,19 @@ def trust_problem(path: str) -> str | None:
 
 
 def load_model(path: str, source: str | None, job: str, compile: bool = True, trusted: bool | None = None) -> Any:
-    """The tf.keras model saved at `path` by job `job` whose train cell is `source`.
+    """The Keras model saved at `path` by job `job` whose train cell is `source`, loaded
+    with the Keras that wrote it: Keras 3 for a Keras 3 model, legacy tf.keras for the rest.
 
     `trusted` None checks the file here (`trust_problem`); a Spark task is told the
     kernel's answer, since it may run as another user. Failures raise ModelNotLoadable."""
-    if "tensorflow" not in sys.modules:  # the cell's `tf.keras` must be the Keras the model was saved with
+    if "tensorflow" not in sys.modules:  # a legacy cell's `tf.keras` must be the Keras its model was saved with
         os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     with native_stderr_held():
         import tensorflow as tf
-        import tf_keras
-    if tf.keras.__name__.split(".")[0] != "tf_keras":
+
+        kind = saved_kind(path, tf.io.gfile.GFile)
+        keras = importlib.import_module(kind)
+    if kind == LEGACY and tf.keras.__name__.split(".")[0] != LEGACY:
         raise ModelNotLoadable(
             "This process imported TensorFlow with Keras 3 as tf.keras, but the job's model and its train cell are "
             "legacy tf.keras (tf_keras). Set TF_USE_LEGACY_KERAS=1 before TensorFlow is first imported: load the "
@@ -81,9 +86,9 @@ def load_model(path: str, source: str | None, job: str, compile: bool = True, tr
     problem = trust_problem(path) if trusted is None else (None if trusted else "the kernel did not trust it")
     definitions = CellDefinitions(source, job) if source else None
     try:
-        with definitions.installed() if definitions else contextlib.nullcontext(), tf_keras.utils.custom_object_scope(
+        with definitions.installed() if definitions else contextlib.nullcontext(), keras.utils.custom_object_scope(
                 definitions.custom_objects() if definitions else {}):
-            return tf_keras.models.load_model(path, compile=compile, safe_mode=problem is not None)
+            return keras.models.load_model(path, compile=compile, safe_mode=problem is not None)
     except Exception as exc:  # noqa: BLE001 - every reason becomes one message with its fix
         raise ModelNotLoadable(why_not_loadable(path, exc, definitions, problem)) from exc
 

@@ -254,6 +254,7 @@ def allreduce_strategy(tf: Any, num_workers: int) -> Any:
 def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup: list[Any],
            result: dict[str, Any], stop: StopSignal, failpoint: Failpoint) -> None:
     from ..protocol import cells
+    from ..protocol.keras_kinds import kind_of
     from .arrow_feed import ArrowFeed
 
     plan = config.plan
@@ -309,7 +310,7 @@ def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup:
     else:
         model = namespace["train"](ctx)
         feed.drain()
-    if isinstance(model, tf.keras.Model):
+    if kind_of(model) is not None and hasattr(model, "save"):  # a Keras model of either Keras
         runner.save_model(model, ctx, plan.train_source)
     result["rows"] = feed.rows
 

@@ -12,7 +12,8 @@ import tensorflow as tf
 
 from ..errors import TfosError
 from ..protocol.paths import MODEL_FILE
-from . import model_check, model_inputs, user_callbacks
+from ..protocol.keras_kinds import LEGACY
+from . import keras3_loop, model_check, model_inputs, user_callbacks
 from .context import Throttle, TrainContext, check_finite
 
 UNBOUNDED_STEPS = 2**31 - 1
@@ -101,8 +102,9 @@ class TfosCallback(tf.keras.callbacks.Callback):
 
 def _learning_rate(optimizer: Any) -> float | None:
     """The optimizer's learning rate now (None for a schedule, which has no one value)."""
+    rate = getattr(optimizer, "learning_rate", None)
     try:
-        return float(tf.keras.backend.get_value(optimizer.learning_rate))
+        return float(rate.numpy() if hasattr(rate, "numpy") else rate)  # a variable of either Keras
     except (TypeError, ValueError, AttributeError):
         return None
 
@@ -124,18 +126,25 @@ def tensorboard_installed() -> bool:
 
 def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool,
         make_callbacks: Callable[[], Any] | None = None) -> Any:
-    """Train with Keras' `fit`, one epoch a call; `make_callbacks` is the cell's `callbacks()`."""
+    """Train the cell's model one epoch a call; `make_callbacks` is the cell's `callbacks()`.
+
+    A legacy tf.keras model trains with Keras' `fit`; a Keras 3 model with the step loop
+    of keras3_loop.py (its `fit` fails under MultiWorkerMirroredStrategy). Both run the
+    same epochs: steps agreed across workers, the same callback reporting and saving."""
     with ctx.strategy.scope():
         model = build_model()
-        if not isinstance(model, tf.keras.Model):
-            raise TfosError(f"build_model() must return a tf.keras model, not {type(model).__name__}.")
+        kind = keras3_loop.check_model(model)
         if getattr(model, "optimizer", None) is None:
             raise TfosError("build_model() must return a compiled model: call model.compile(optimizer=..., "
                             "loss=...) before returning it.")
         model_inputs.check(model, ctx.feed.spec)
+    trainer: Any = LegacyFit(model) if kind == LEGACY else keras3_loop.StepLoop(model, ctx.strategy)
+    if kind != LEGACY:
+        trainer.build(ctx.feed.element_spec())
+    with ctx.strategy.scope():
         ckpt = ctx.checkpoint(model=model, optimizer=model.optimizer)
         restored = None if restart else ckpt.restore()
-        initial_step = int(model.optimizer.iterations.numpy())
+        initial_step = trainer.iterations
     initial_epoch = int(ckpt.epoch.numpy())
     epoch_start = int(ckpt.epoch_start.numpy())
     done_in_epoch = initial_step - epoch_start if restored and 0 <= epoch_start <= initial_step else 0
@@ -148,25 +157,26 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool,
     val = ctx.distributed_dataset(split="validation") if ctx.feed.spec.has_validation else None
     # The cell's callbacks come first, so that what they change at an epoch's end (the
     # learning rate, a stop) is in that epoch's row and checkpoint.
-    mine = user_callbacks.build(make_callbacks)
+    mine = user_callbacks.build(make_callbacks, kind)
     tfos_callback = TfosCallback(ctx, ckpt, ctx.options.checkpoint_every_steps, report_lr=bool(mine))
     callbacks: list[Any] = [*mine, tfos_callback]
     if ctx.is_chief and ctx.log_dir and tensorboard_installed():
         # For `%tensorboard --logdir`; the chief only, and no profiling.
-        callbacks.append(tf.keras.callbacks.TensorBoard(ctx.log_dir, update_freq=TENSORBOARD_EVERY_STEPS,
-                                                        profile_batch=0, write_graph=False))
-    per_execution = _steps_per_execution(model)
-    user_k = 1 if per_execution is None else int(per_execution.numpy())
-    size_calls = (ctx.options.steps_per_call == 0 and per_execution is not None and user_k == 1
+        board = tf.keras.callbacks.TensorBoard if kind == LEGACY else _keras3().callbacks.TensorBoard
+        callbacks.append(board(ctx.log_dir, update_freq=TENSORBOARD_EVERY_STEPS, profile_batch=0, write_graph=False))
+    for callback in callbacks:
+        callback.set_model(model)
+    user_k = trainer.user_steps_per_call
+    size_calls = (ctx.options.steps_per_call == 0 and trainer.sizable and user_k == 1
                   and not any(c._implements_train_batch_hooks() for c in mine))
-    sparse = any(isinstance(layer, tf.keras.layers.Embedding) for layer in model.submodules)
+    sparse = any(type(layer).__name__ == "Embedding" for layer in _layers(model))
     told = False
     for epoch in range(initial_epoch, ctx.epochs):
         if not (epoch == initial_epoch and done_in_epoch):
-            ckpt.epoch_start.assign(int(model.optimizer.iterations.numpy()))
+            ckpt.epoch_start.assign(trainer.iterations)
         steps, full = agreed_steps(ctx)
         if steps == 0:  # every worker's rows of this epoch were trained on before a restart
-            _finish_epoch(model, ctx, ckpt, val, epoch)
+            _finish_epoch(trainer, ctx, ckpt, val, epoch)
             continue
         ctx.feed.epoch = epoch  # which shuffled order this pass takes
         if steps is not None and (padded is None or ctx.feed.from_memory()):
@@ -187,16 +197,13 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool,
                 told = True
                 print(f"tfos: a step took {tfos_callback.step_seconds * 1000:.1f} ms: later epochs run {k} steps "
                       "a call (--steps-per-call)", flush=True)
-        _use_steps_per_execution(model, per_execution, k if several else 1)
         try:
-            model.fit(data if steps is None else padded, epochs=epoch + 1, initial_epoch=epoch,
-                      steps_per_epoch=steps or UNBOUNDED_STEPS,
-                      validation_data=val, validation_steps=UNBOUNDED_STEPS if val else None,
-                      callbacks=callbacks, verbose=0)
+            trainer.run_epoch(data if steps is None else padded, epoch, steps, k if several else 1, callbacks,
+                              validation=val)
         except (ValueError, TypeError) as exc:  # raised while tracing the first step
             if epoch == initial_epoch and done_in_epoch and ctx.feed.last_pass_rows == 0:
                 # The checkpoint was the epoch's last step: only its end is left to do.
-                _finish_epoch(model, ctx, ckpt, val, epoch)
+                _finish_epoch(trainer, ctx, ckpt, val, epoch)
                 continue
             explained = model_inputs.explain(exc, model, ctx.feed.spec) if epoch == initial_epoch else None
             if explained is None:
@@ -208,15 +215,55 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool,
             why = user_callbacks.stopped_by(mine) or "another worker's callback stopped training"
             ctx.send("stopped_early", epoch=epoch + 1, epochs=ctx.epochs, reason=why)
             break
-    _use_steps_per_execution(model, per_execution, user_k)  # the model's own, as it is saved
+    trainer.finish()  # the model's own steps a call, as it is saved
     for callback in mine:
         callback.finish()
     if any(callback.restores_weights for callback in mine):
         # EarlyStopping(restore_best_weights=True) put the best epoch's weights back at the
         # end: the latest checkpoint holds them too, as the saved model will.
-        ckpt.save(int(model.optimizer.iterations.numpy()), reason="best")
+        ckpt.save(trainer.iterations, reason="best")
     ctx.feed.drain()  # e.g. already trained to --epochs: let the Spark task finish its partition
     return model
+
+
+class LegacyFit:
+    """A legacy tf.keras model's epochs: Keras' own `fit`, one epoch a call, with the steps
+    a call set through the variable its `compile(steps_per_execution=)` made."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self._per_execution = _steps_per_execution(model)
+        self.user_steps_per_call = 1 if self._per_execution is None else int(self._per_execution.numpy())
+        self.sizable = self._per_execution is not None  # autotuned: left to Keras, never sized by tfos
+
+    @property
+    def iterations(self) -> int:
+        return int(self.model.optimizer.iterations.numpy())
+
+    def run_epoch(self, data: Any, epoch: int, steps: int | None, steps_per_call: int, callbacks: list[Any],
+                  validation: Any = None) -> None:
+        _use_steps_per_execution(self.model, self._per_execution, steps_per_call)
+        self.model.fit(data, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps or UNBOUNDED_STEPS,
+                       validation_data=validation, validation_steps=UNBOUNDED_STEPS if validation else None,
+                       callbacks=callbacks, verbose=0)
+
+    def evaluate(self, data: Any) -> dict[str, float]:
+        return self.model.evaluate(data, steps=UNBOUNDED_STEPS, verbose=0, return_dict=True)
+
+    def finish(self) -> None:
+        _use_steps_per_execution(self.model, self._per_execution, self.user_steps_per_call)
+
+
+def _keras3() -> Any:
+    import keras
+
+    return keras
+
+
+def _layers(model: Any) -> list[Any]:
+    """Every layer of `model`, nested ones included, in either Keras."""
+    flatten = getattr(model, "_flatten_layers", None)
+    return list(flatten()) if flatten else []
 
 
 def steps_per_call(k: int, step_seconds: float | None) -> int:
@@ -272,13 +319,13 @@ def agreed_steps(ctx: TrainContext) -> tuple[int | None, bool]:
     return steps, min(every) == max(every) == steps * ctx.rows_per_step
 
 
-def _finish_epoch(model: Any, ctx: TrainContext, ckpt: Any, val: Any, epoch: int) -> None:
+def _finish_epoch(trainer: Any, ctx: TrainContext, ckpt: Any, val: Any, epoch: int) -> None:
     """Validation, the epoch's row of history and its checkpoint, for an epoch whose steps
     were all taken before a restart (its training loss went with the failed attempt)."""
     metrics: dict[str, Any] = {}
     if val is not None:
-        metrics["val_loss"] = model.evaluate(val, steps=UNBOUNDED_STEPS, verbose=0, return_dict=True)["loss"]
-    step = int(model.optimizer.iterations.numpy())
+        metrics["val_loss"] = trainer.evaluate(val)["loss"]
+    step = trainer.iterations
     ctx.report(step=step, epoch=epoch + 1, **metrics)
     ckpt.save(step, epoch=epoch + 1, reason="epoch")
 

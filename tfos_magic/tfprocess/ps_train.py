@@ -19,6 +19,7 @@ from typing import Any, Callable
 import tensorflow as tf
 
 from ..errors import TfosError
+from ..protocol.keras_kinds import LEGACY
 from ..protocol.paths import CHECKPOINT_PREFIX
 from ..protocol.paths import H5_MODEL_FILE as MODEL_FILE
 from . import checkpoints, model_check, model_inputs
@@ -112,6 +113,24 @@ class PSContext(TrainContext):
         return self.dataset(batch_size) if split == "train" else self.validation_dataset(batch_size)
 
 
+def _build_legacy(build_model: Callable[[], Any]) -> Any:
+    """The cell's compiled legacy tf.keras model; a Keras 3 one is refused at once, naming
+    the fixes (keras3_loop.no_parameter_servers), however it failed in a TF1 graph."""
+    from .keras3_loop import check_model, no_parameter_servers, raised_by_keras3
+
+    try:
+        model = build_model()
+    except Exception as exc:
+        if raised_by_keras3(exc):
+            raise no_parameter_servers(exc) from exc
+        raise
+    if check_model(model) != LEGACY:
+        raise no_parameter_servers()
+    if getattr(model, "optimizer", None) is None:
+        raise TfosError("build_model() must return a compiled tf.keras model (call model.compile first).")
+    return model
+
+
 def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
     every = ctx.options.checkpoint_every_steps
     with ctx.strategy.scope():
@@ -125,9 +144,7 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
                                          name="tfos_worker_progress")
         job_step = tf.reduce_sum(progress[:, 2])
         me = ctx.worker_index
-        model = build_model()
-        if not isinstance(model, tf.keras.Model) or getattr(model, "optimizer", None) is None:
-            raise TfosError("build_model() must return a compiled tf.keras model (call model.compile first).")
+        model = _build_legacy(build_model)
         model_inputs.check(model, ctx.feed.spec)
         data = tf.compat.v1.data.make_initializable_iterator(ctx.dataset())
         x, y = data.get_next()

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import tensorflow as tf
 
 from ..errors import TfosError
+from ..protocol.keras_kinds import LEGACY, describe, kind_of
 
 
 class OneTraining(tf.keras.callbacks.Callback):
@@ -66,10 +67,10 @@ class OneTraining(tf.keras.callbacks.Callback):
     # Batch hooks only where the callback has them: Keras skips the per-step calls
     # (and their host syncs) for callbacks that do not override them.
     def _implements_train_batch_hooks(self) -> bool:
-        return self.inner._implements_train_batch_hooks()
+        return acts_per_step(self.inner)
 
     def _implements_test_batch_hooks(self) -> bool:
-        return self.inner._implements_test_batch_hooks()
+        return acts_per_step(self.inner, "test")
 
     def _implements_predict_batch_hooks(self) -> bool:
         return False
@@ -93,6 +94,20 @@ class OneTraining(tf.keras.callbacks.Callback):
         self.inner.on_test_batch_end(batch, logs)
 
 
+def acts_per_step(callback: Any, mode: str = "train") -> bool:
+    """Whether a callback has per-step hooks (Keras skips the calls, and their host syncs,
+    for callbacks that have none). Legacy callbacks say so themselves; a Keras 3 one does
+    when its class overrides a batch hook."""
+    known = getattr(callback, f"_implements_{mode}_batch_hooks", None)
+    if known is not None:
+        return bool(known())
+    import keras
+
+    names = [f"on_{mode}_batch_begin", f"on_{mode}_batch_end"] + (["on_batch_begin", "on_batch_end"]
+                                                                   if mode == "train" else [])
+    return any(getattr(type(callback), n, None) is not getattr(keras.callbacks.Callback, n) for n in names)
+
+
 def describe_stop(callback: Any, epoch: int) -> str:
     """Why `callback` stopped training after `epoch` (0-based), in words for the dashboard."""
     name = type(callback).__name__
@@ -108,17 +123,21 @@ def describe_stop(callback: Any, epoch: int) -> str:
     return f"{name} set model.stop_training after epoch {epoch + 1}."
 
 
-def build(callbacks: Callable[[], Any] | None) -> list[OneTraining]:
-    """The cell's `callbacks()`, each wrapped; none when the cell defines no such function."""
+def build(callbacks: Callable[[], Any] | None, kind: str = LEGACY) -> list[OneTraining]:
+    """The cell's `callbacks()`, each wrapped; none when the cell defines no such function.
+    They must come from the Keras of the model (`kind`): each Keras' callbacks read and set
+    its own models' attributes."""
     if callbacks is None:
         return []
     made = callbacks()
     made = [] if made is None else list(made) if isinstance(made, (list, tuple)) else [made]
-    wrong = [type(c).__name__ for c in made if not isinstance(c, tf.keras.callbacks.Callback)]
+    wrong = [describe(c) for c in made if kind_of(c) != kind or not hasattr(c, "on_epoch_end")]
     if wrong:
-        raise TfosError(f"callbacks() must return a list of tf.keras callbacks; it returned {', '.join(wrong)}. "
-                        "Build them from tf.keras.callbacks (EarlyStopping, ReduceLROnPlateau, ...) or subclass "
-                        "tf.keras.callbacks.Callback.")
+        prefix = "tf.keras" if kind == LEGACY else "keras"
+        raise TfosError(f"callbacks() must return a list of {prefix} callbacks for this model (a "
+                        f"{'legacy tf.keras' if kind == LEGACY else 'Keras 3'} model); it returned {', '.join(wrong)}. "
+                        f"Build them from {prefix}.callbacks (EarlyStopping, ReduceLROnPlateau, ...) or subclass "
+                        f"{prefix}.callbacks.Callback.")
     return [OneTraining(c) for c in made]
 
 
