@@ -180,3 +180,18 @@ def test_wrong_models_are_named_with_their_keras(shell):
         "    m.compile", "    cb = 1\n    m.compile") + "\ndef callbacks():\n    import tensorflow as tf\n"
         "    return [tf.keras.callbacks.EarlyStopping()]\n")
     assert isinstance(err, JobFailed) and "keras callbacks for this model (a Keras 3 model)" in str(err), err
+
+
+def test_a_keras3_model_on_another_backend_names_the_fix(monkeypatch):
+    """Keras picks its backend once, at import: a model built on JAX or torch holds no
+    TensorFlow variables for the strategy. (Neither backend is installed here: the
+    answer of keras.backend.backend() is what tfos reads.)"""
+    import keras
+
+    from tfos_magic.tfprocess.keras3_loop import check_model
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    assert check_model(model) == "keras"
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(TfosError, match="on the jax backend.*KERAS_BACKEND"):
+        check_model(model)
