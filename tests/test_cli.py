@@ -98,6 +98,13 @@ def test_run_injects_the_parameters_and_writes_the_notebook_and_html(trained):
     # The job ran in the kernel; this process followed it through the store.
     assert f"tfos {JOB}: run 1 started: 2 worker(s), 3 epoch(s)" in proc.stdout, proc.stdout
     assert f"tfos job '{JOB}' succeeded" in proc.stdout and "loss: final" in proc.stdout, proc.stdout
+    # Only the run's own lines: Spark's JVM and TensorFlow's native logging go to the kernel's log.
+    log = folder / "train.out.log"
+    assert f"(the kernel's log: {log})" in proc.stdout, proc.stdout
+    shown = proc.stdout + proc.stderr
+    assert not [w for w in ("oneDNN", "cuInit", " WARN ", "absl::") if w in shown], shown
+    assert len(shown.splitlines()) <= 40, shown
+    assert log.stat().st_size > 0
 
 
 @pytest.mark.e2e
@@ -192,11 +199,15 @@ def test_ctrl_c_stops_a_submitted_job_at_a_checkpoint_and_exits_130(trained, env
 
 @pytest.mark.e2e
 def test_run_of_a_failing_notebook_names_the_cell_and_its_error(env, tmp_path):
-    notebook = write_notebook(tmp_path / "fails.ipynb", "x = 1", "raise ValueError(f'bad value {x + 41}')",
-                              "print('never')")
+    notebook = write_notebook(tmp_path / "fails.ipynb", "import os\nx = 1\nos.write(2, b'native noise\\n')",
+                              "raise ValueError(f'bad value {x + 41}')", "print('never')")
     proc = tfos("run", str(notebook), env=env, timeout=180)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "cell 2 (In [2]) failed: ValueError: bad value 42" in proc.stderr, proc.stderr
+    # What the kernel's process wrote is in its log, whose path and last lines close the report.
+    log = tmp_path / "fails.out.log"
+    assert f"the kernel's log (Spark, TensorFlow): {log}; its last lines:" in proc.stderr, proc.stderr
+    assert proc.stderr.count("native noise") == 1 and "native noise" in log.read_text(), proc.stderr
     assert "Traceback" not in proc.stderr and "never" not in outputs_text(tmp_path / "fails.out.ipynb")
 
 

@@ -79,7 +79,9 @@ def run(request: RunRequest) -> int:
 
     # Our own kernel manager, so that Ctrl-C can interrupt the kernel (papermill's would
     # only be shut down, killing a training job before its workers checkpoint).
-    km = AsyncKernelManager(kernel_name=request.kernel)
+    log_path = kernel_log(output)
+    log = open(log_path, "wb")
+    km = _kernel_manager(AsyncKernelManager, request.kernel, log)
     interrupt = _Interrupt(km)
     follower = StoreFollower(JobStore(), time.time(), lambda spec: ProgressObserver.for_spec(spec, request.bar),
                              driver_pid=lambda: getattr(km.provisioner, "pid", None))
@@ -104,10 +106,12 @@ def run(request: RunRequest) -> int:
         follower.close()
         if km.has_kernel:
             run_sync(km.shutdown_kernel)()  # before an HTML export, and even after a second Ctrl-C
+        log.close()
     if request.html is not None:
         _export_html(output, request.html)
     if failure is None:
-        print(f"tfos run: done: {output}" + (f", {request.html}" if request.html else ""), flush=True)
+        print(f"tfos run: done: {output}" + (f", {request.html}" if request.html else "")
+              + f" (the kernel's log: {log_path})", flush=True)
         return 0
     where = _cell_number(output, failure.cell_index)
     if interrupt.requested:
@@ -118,8 +122,39 @@ def run(request: RunRequest) -> int:
               f"the executed part is in {output}", file=sys.stderr)
         return 1
     print(f"tfos run: cell {where} failed: {failure.ename}: {failure.evalue}\n"
-          f"  the executed notebook, with the full traceback: {output}", file=sys.stderr)
+          f"  the executed notebook, with the full traceback: {output}\n"
+          f"  the kernel's log (Spark, TensorFlow): {log_path}; its last lines:\n{_tail(log_path)}", file=sys.stderr)
     return 1
+
+
+LOG_TAIL_LINES = 20
+
+
+def kernel_log(output: Path) -> Path:
+    """NAME.out.log beside NAME.out.ipynb: what the kernel's process and its children
+    (Spark's JVM, TensorFlow's native logging, the TF processes of local Spark) write."""
+    return output.with_suffix(".log")
+
+
+def _kernel_manager(base: Any, kernel: str, log: Any) -> Any:
+    """A kernel manager whose kernel writes its stdout and stderr to `log`: a batch run
+    shows its progress and the notebook's errors, not the JVM's and TensorFlow's logs."""
+
+    class KernelWithLog(base):
+        async def start_kernel(self, **kw: Any) -> None:
+            kw.setdefault("stdout", log)
+            kw.setdefault("stderr", log)
+            await super().start_kernel(**kw)
+
+    return KernelWithLog(kernel_name=kernel)
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        return f"  (unreadable: {exc.strerror})"
+    return "\n".join(f"  {line}" for line in text[-lines:]) or "  (empty)"
 
 
 class _Stopped(Exception):
