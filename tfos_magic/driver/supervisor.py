@@ -23,6 +23,7 @@ from typing import Any, Callable
 from ..errors import TfosError
 from ..job import JobStore
 from ..protocol.events import log_line
+from .gpu_record import GpuRecord
 from .observers import JobObserver
 from .spark_backend import SparkBackend, SparkJob
 
@@ -56,7 +57,8 @@ class TaskError:
 
 @dataclass
 class RunMonitor:
-    """A run's events from the channel: appended to metrics.jsonl, and watched here."""
+    """A run's events from the channel: appended to metrics.jsonl (`gpu` samples thinned:
+    driver/gpu_record.py), and watched here."""
 
     store: JobStore
     job: str
@@ -76,6 +78,7 @@ class RunMonitor:
     # Events of the current attempt not yet shown: filled by the channel's threads,
     # drained by the kernel's main thread (so output lands in the running cell).
     pending: collections.deque = field(default_factory=collections.deque)
+    gpu_record: GpuRecord = field(default_factory=GpuRecord)  # which `gpu` events metrics.jsonl keeps
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def new_attempt(self, attempt: int) -> None:
@@ -98,7 +101,9 @@ class RunMonitor:
                 name = f"run-{self.run}-attempt-{attempt}-{event.get('role', 'worker')}-{event.get('worker')}.txt"
                 header = f"{event.get('role', 'worker')} {event.get('worker')}: {event.get('message')}\n\n"
                 event["details_file"] = str(self.store.write_error_details(self.job, name, header + details))
-            self.store.append_events(self.job, [event])
+            written = self.gpu_record.to_write(event, time.monotonic()) if event.get("kind") == "gpu" else event
+            if written is not None:
+                self.store.append_events(self.job, [written])
             if attempt != self.attempt:
                 return  # a late word from an attempt already over
             role = event.get("role", "worker")
