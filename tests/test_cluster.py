@@ -186,6 +186,11 @@ def test_ps_job_survives_a_killed_worker(cluster_kernel, seed):
         assert roles == {("ps", 0), ("worker", 0), ("worker", 1)}
         _UNFAULTED.update(steps=_final_step(base), loss=_saved_model_loss(kernel, "ps_base"))
         assert _UNFAULTED["loss"] < 1.1 * NOISE_FLOOR, _UNFAULTED
+        # The job's validation loss is every worker's share weighed by rows, the last epoch's
+        # with the final weights: what the saved model scores on all the validation rows.
+        final = base.history[-1]
+        assert final["val_rows"] == 1500 and abs(final["val_loss"] - _UNFAULTED["loss"]) <= 0.01 * _UNFAULTED["loss"], \
+            (final, _UNFAULTED)
     point = failpoint(seed, ps=True)
     job = _ps_run(kernel, home, f"ps_fault{seed}", point)
     loss = _saved_model_loss(kernel, f"ps_fault{seed}")

@@ -84,6 +84,37 @@ def _row(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
+class ValidationShares:
+    """ps mode: each worker scores its own share of the validation rows (`val_loss` and
+    `val_rows` in its epoch event), so the job's validation loss of an epoch is the shares
+    weighed by their rows. A resumed run's report of an epoch replaces the earlier one."""
+
+    parts: dict[int, dict[int, tuple[float, int]]] = field(default_factory=dict)
+
+    def add(self, e: dict[str, Any]) -> int | None:
+        """Take an epoch event's share, if it has one; returns its epoch."""
+        metrics, epoch, worker = _metrics(e), integer(e.get("epoch")), integer(e.get("worker"))
+        loss, rows = finite_number(metrics.get("val_loss")), integer(metrics.get("val_rows"))
+        if epoch is None or worker is None or loss is None or not rows:
+            return None
+        self.parts.setdefault(epoch, {})[worker] = (loss, rows)
+        if len(self.parts) > EPOCHS_KEPT:
+            del self.parts[min(self.parts)]
+        return epoch
+
+    def reported(self, epoch: int) -> int:
+        return len(self.parts.get(epoch, {}))
+
+    def combined(self, epoch: int) -> tuple[float, int] | None:
+        """(the rows' mean loss, their number) over the shares reported for `epoch`."""
+        shares = self.parts.get(epoch)
+        if not shares:
+            return None
+        rows = sum(n for _, n in shares.values())
+        return sum(loss * n for loss, n in shares.values()) / rows, rows
+
+
+@dataclass
 class Series:
     """A series of points kept to at most `keep` however many arrive: every `stride`-th point,
     with the stride doubled (and every other point dropped) whenever `keep` is passed, and
@@ -125,6 +156,7 @@ class JobDigest:
     models: deque[str] = field(default_factory=lambda: deque(maxlen=MODELS_KEPT))  # saved final models
     stopped_early: str | None = None  # a callback of the cell ended training before --epochs, and why
     _epochs: dict[int, dict[str, Any]] = field(default_factory=dict)
+    _validation: ValidationShares = field(default_factory=ValidationShares)
     # Where this digest has read metrics.jsonl to (JobStore.reading_events' inode and offset).
     inode: int = 0
     offset: int = 0
@@ -138,8 +170,13 @@ class JobDigest:
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """One dict per epoch from the chief worker; a resumed run overrides epochs it redid."""
-        return [self._epochs[k] for k in sorted(self._epochs)]
+        """One dict per epoch from the chief worker; a resumed run overrides epochs it redid.
+        In ps mode its `val_loss` is every worker's share weighed by rows (`val_rows` all of them)."""
+        rows = []
+        for k in sorted(self._epochs):
+            shared = self._validation.combined(k)
+            rows.append({**self._epochs[k], "val_loss": shared[0], "val_rows": shared[1]} if shared else self._epochs[k])
+        return rows
 
     @property
     def latest_checkpoint(self) -> str | None:
@@ -152,6 +189,8 @@ class JobDigest:
     def feed(self, e: dict[str, Any]) -> None:
         """Fold one event in. Any JSON object is taken: a key of the wrong type is ignored."""
         kind = e.get("kind")
+        if kind == "epoch" and e.get("role", "worker") == "worker":
+            self._validation.add(e)
         if kind in ("step", "epoch") and e.get("worker", 0) == 0:
             self._progress(kind, e)
         elif kind == "checkpoint":

@@ -182,6 +182,7 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
             val_it = tf.compat.v1.data.make_initializable_iterator(val)
             vx, vy = val_it.get_next()
             val_loss = _loss(model, vy, model(vx, training=False))
+            val_rows = tf.shape(vy)[0]
         finished_epochs = tf.compat.v1.placeholder(tf.int64, ())
         next_epoch = epoch_var.assign(finished_epochs)
         # A worker past its last epoch marks itself so (its epoch column = --epochs): the
@@ -229,13 +230,21 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
                 ctx.save(sess, int(step), epoch=epoch)
                 last_saved = step
         if epoch == ctx.epochs - 1:
+            # Every worker validates its last epoch with the final weights: once all are done
+            # training (each marks itself finished; the chief marks itself last, after its
+            # wait, so that a chief that dies before its final save trains its epoch again).
             if ctx.is_chief:
                 step = _wait_for_workers(sess, ctx, progress, job_step, epoch)
             sess.run(mark_finished)
+            if not ctx.is_chief and val is not None:
+                step = _wait_for_workers(sess, ctx, progress, job_step, epoch)
         metrics = {"loss": total / steps if steps else None,  # None: all its steps came before a restart
                    "rows_per_s": (ctx.feed.rows_delivered - rows0) / (time.monotonic() - t0)}
         if val is not None:
-            metrics["val_loss"] = _evaluate(sess, val_it, val_loss, lambda: ctx.failpoint.hit("validation"))
+            # Each worker scores its own share of the rows; the notebook weighs the shares by
+            # their rows into the job's one validation loss of the epoch (job/digest.py).
+            metrics["val_loss"], metrics["val_rows"] = _evaluate(sess, val_it, val_loss, val_rows,
+                                                                 lambda: ctx.failpoint.hit("validation"))
         ctx.report(step=int(step), epoch=epoch + 1, **metrics)
         _scalars(board, int(step), **{f"epoch_{k}": v for k, v in metrics.items()})
         if ctx.is_chief:
@@ -249,10 +258,11 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
 
 
 def _wait_for_workers(sess: Any, ctx: PSContext, progress: Any, job_step: Any, epoch: int) -> int:
-    """The chief, at the end of its last epoch: wait until every other worker has marked its
-    last epoch done; returns the job's step then. A worker that dies ends this attempt
-    (the notebook halts it); one that makes no step for --start-timeout seconds is an error;
-    a stop request is honoured here as during training."""
+    """A worker at the end of its last epoch (the chief before its final validation and
+    save, the others before their final validation): wait until every other worker has
+    marked its last epoch done; returns the job's step then. A worker that dies ends this
+    attempt (the notebook halts it); one that makes no step for --start-timeout seconds is
+    an error; a stop request is honoured here as during training."""
     others = [w for w in range(ctx.num_workers) if w != ctx.worker_index]
     last_step, last_change = -1, time.monotonic()
     while True:
@@ -264,7 +274,8 @@ def _wait_for_workers(sess: Any, ctx: PSContext, progress: Any, job_step: Any, e
             last_step, last_change = step, time.monotonic()
         elif time.monotonic() - last_change > ctx.options.start_timeout:
             waiting = [w for w in others if int(marks[w]) < ctx.epochs]
-            raise TfosError(f"The chief finished its last epoch, but worker(s) {waiting} took no step for "
+            who = "The chief" if ctx.is_chief else f"Worker {ctx.worker_index}"
+            raise TfosError(f"{who} finished its last epoch, but worker(s) {waiting} took no step for "
                             f"{ctx.options.start_timeout:.0f} s (see their logs in the job's directory).")
         if ctx.should_stop(step):
             ctx.stop_here(sess, step, epoch=epoch)
@@ -312,15 +323,17 @@ def _match_ranks(y: Any, pred: Any) -> tuple[Any, Any]:
     return tf.cast(y, pred.dtype) if y.dtype != pred.dtype and y.dtype.is_floating else y, pred
 
 
-def _evaluate(sess: Any, iterator: Any, loss: Any, each: Callable[[], None] = lambda: None) -> float:
+def _evaluate(sess: Any, iterator: Any, loss: Any, rows: Any, each: Callable[[], None] = lambda: None) -> tuple[float, int]:
+    """The mean loss over this worker's validation rows (each batch weighed by its rows), and their number."""
     sess.run(iterator.initializer)
     total, n = 0.0, 0
     while True:
         try:
-            total, n = total + float(sess.run(loss)), n + 1
+            value, count = sess.run([loss, rows])
+            total, n = total + float(value) * int(count), n + int(count)
             each()
         except tf.errors.OutOfRangeError:
-            return total / max(n, 1)
+            return total / max(n, 1), n
 
 
 def save_model(model: Any, ctx: PSContext, source: str | None) -> None:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..job.digest import decimate, stopped_early_text
+from ..job.digest import ValidationShares, decimate, stopped_early_text
 from ..protocol.events import log_line
 
 MAX_SNAPSHOT_POINTS = 2000
@@ -90,6 +90,11 @@ class DashboardModel:
     model_path: str | None = None
     gpus: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # worker -> devices or [proc stats]
     peak_gpu: dict[int, dict[str, float]] = field(default_factory=dict)
+    tensorboard_dir: str | None = None  # where the chief writes TensorBoard's event files
+    mlflow_link: str | None = None  # the MLflow run the job logs to (driver/mlflow_tracking.py)
+    _validation: ValidationShares = field(default_factory=ValidationShares)  # ps mode: the workers' shares
+    _chief_epoch_steps: dict[int, int] = field(default_factory=dict)
+    _validated: set[int] = field(default_factory=set)
     logs: list[str] = field(default_factory=list)
     _logs_sent: int = 0
     _rows_by_worker: dict[int, int] = field(default_factory=dict)
@@ -147,6 +152,8 @@ class DashboardModel:
             self.first_step_at = None
             self.initial_step = self.step = int(e.get("initial_step") or 0)
             self.initial_epoch = self.epoch = int(e.get("initial_epoch") or 0)
+            if e.get("tensorboard"):
+                self.tensorboard_dir = str(e["tensorboard"])
             if e.get("restored_from"):
                 self.restored_from = e["restored_from"]
                 self.phase = f"resumed from step {self.initial_step} (epoch {self.initial_epoch})"
@@ -170,6 +177,9 @@ class DashboardModel:
             self.rows_per_s = float(metrics["rows_per_s"]) * self.workers
 
     def _on_epoch(self, e: dict[str, Any]) -> None:
+        shared = self._validation.add(e)
+        if shared is not None:
+            self._shared_validation(shared, e)
         if int(e.get("worker", 0)) != 0:
             return
         metrics = e.get("metrics") or {}
@@ -183,11 +193,25 @@ class DashboardModel:
             self.steps_per_epoch = self._epoch_end_steps[-1] - self._epoch_end_steps[-2]
         if metrics.get("loss") is not None:
             self.epoch_loss.append(step, metrics["loss"])
-        if metrics.get("val_loss") is not None:
+        self._chief_epoch_steps[int(e["epoch"])] = step
+        if metrics.get("val_loss") is not None and metrics.get("val_rows") is None:
             self.has_validation = True
             self.val_loss.append(step, metrics["val_loss"])
+        elif shared is not None:
+            self._shared_validation(shared, e)
         if metrics.get("rows_per_s") is not None:
             self.rows_per_s = float(metrics["rows_per_s"]) * self.workers
+
+    def _shared_validation(self, epoch: int, e: dict[str, Any]) -> None:
+        """ps mode: the epoch's validation point once every worker scored its share of the
+        rows, at the chief's step of that epoch (job/digest.py: ValidationShares)."""
+        if epoch in self._validated or epoch not in self._chief_epoch_steps \
+                or self._validation.reported(epoch) < self.workers:
+            return
+        loss, _ = self._validation.combined(epoch)
+        self._validated.add(epoch)
+        self.has_validation = True
+        self.val_loss.append(self._chief_epoch_steps[epoch], loss)
 
     def _on_checkpoint(self, e: dict[str, Any]) -> None:
         self.checkpoints.insert(0, Checkpoint(int(e.get("step") or 0), e.get("epoch"), float(e.get("time", 0)),
@@ -217,10 +241,14 @@ class DashboardModel:
         peak = self.peak_gpu.setdefault(worker, {})
         for d in devices:
             for key in ("utilization", "memory_used"):
-                if d.get(key) is not None:
-                    peak[key] = max(peak.get(key, 0.0), float(d[key]))
+                value = d.get(f"peak_{key}", d.get(key))  # a stored sample carries the peak it stands for
+                if value is not None:
+                    peak[key] = max(peak.get(key, 0.0), float(value))
             if d.get("memory_total") is not None:
                 peak["memory_total"] = float(d["memory_total"])
+
+    def _on_mlflow(self, e: dict[str, Any]) -> None:
+        self.mlflow_link = e.get("link")
 
     def _on_stopped_early(self, e: dict[str, Any]) -> None:
         if int(e.get("worker", 0)) == 0:
