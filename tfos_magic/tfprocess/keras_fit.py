@@ -51,6 +51,7 @@ class TfosCallback(tf.keras.callbacks.Callback):
         self._epoch_step0 = 0
         self._last_step = 0
         self._weights_checked = False
+        self._reported = (0, 0.0)  # steps into the epoch and the running mean at the last report
         self._rows_per_step = ctx.rows_per_step
         self.step_seconds: float | None = None  # a step's wall time in the first timed epoch
 
@@ -61,6 +62,19 @@ class TfosCallback(tf.keras.callbacks.Callback):
         self._rows0, self._t0 = self.ctx.feed.rows_delivered, time.monotonic()
         self._epoch = epoch
         self._epoch_step0 = self._last_step = self._read_step()
+        self._reported = (0, 0.0)
+
+    def _interval_loss(self, step: int, running: float) -> float:
+        """The mean loss of the steps since this epoch's last report. Keras logs the running
+        mean since the epoch began, which drops at every epoch's start as it forgets the
+        early, larger losses: plotted, a cliff at each boundary. The interval's own mean
+        follows the loss as it is (steps weigh alike: Keras' batches are full but the last)."""
+        done = step - self._epoch_step0
+        before, mean_before = self._reported
+        self._reported = (done, running)
+        if done <= before:
+            return running
+        return (running * done - mean_before * before) / (done - before)
 
     def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self.ctx.failpoint.hit("validation")
@@ -82,6 +96,9 @@ class TfosCallback(tf.keras.callbacks.Callback):
         if self.throttle():
             values = {k: _python(v) for k, v in (logs or {}).items()}
             check_finite(values.get("loss"), step, self.ctx.worker_index, self.ctx.checkpoint_dir)
+            if isinstance(values.get("loss"), (int, float)):
+                values["loss_epoch_mean"] = values["loss"]
+                values["loss"] = self._interval_loss(step, float(values["loss"]))
             elapsed = max(time.monotonic() - self._t0, 1e-9)
             rate = (self.ctx.feed.rows_delivered - self._rows0) / elapsed
             self.ctx.report(step=step, rows_per_s=rate, **values)
@@ -150,8 +167,10 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool,
     done_in_epoch = initial_step - epoch_start if restored and 0 <= epoch_start <= initial_step else 0
     if done_in_epoch:
         ctx.feed.skip_next_pass(done_in_epoch * ctx.rows_per_step)  # go on where the epoch was
+    # TensorBoard's event files: the chief's, for `%tensorboard --logdir` (the summary says the line).
+    board_dir = ctx.log_dir if ctx.is_chief and ctx.log_dir and tensorboard_installed() else None
     ctx.send("training", initial_step=initial_step, initial_epoch=initial_epoch, restored_from=restored,
-             skipped_steps=done_in_epoch)
+             skipped_steps=done_in_epoch, **({"tensorboard": board_dir} if board_dir else {}))
     data = ctx.distributed_dataset()
     padded = None  # later passes: a fixed number of steps, agreed once per epoch
     val = ctx.distributed_dataset(split="validation") if ctx.feed.spec.has_validation else None
@@ -160,10 +179,9 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool,
     mine = user_callbacks.build(make_callbacks, kind)
     tfos_callback = TfosCallback(ctx, ckpt, ctx.options.checkpoint_every_steps, report_lr=bool(mine))
     callbacks: list[Any] = [*mine, tfos_callback]
-    if ctx.is_chief and ctx.log_dir and tensorboard_installed():
-        # For `%tensorboard --logdir`; the chief only, and no profiling.
+    if board_dir:  # the chief only, and no profiling
         board = tf.keras.callbacks.TensorBoard if kind == LEGACY else _keras3().callbacks.TensorBoard
-        callbacks.append(board(ctx.log_dir, update_freq=TENSORBOARD_EVERY_STEPS, profile_batch=0, write_graph=False))
+        callbacks.append(board(board_dir, update_freq=TENSORBOARD_EVERY_STEPS, profile_batch=0, write_graph=False))
     for callback in callbacks:
         callback.set_model(model)
     user_k = trainer.user_steps_per_call
