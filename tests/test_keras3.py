@@ -102,8 +102,9 @@ def test_a_worker_killed_after_a_checkpoint_resumes_at_its_step(shell, monkeypat
     assert [r["epoch"] for r in job.history] == [1, 2, 3]
 
 
-def test_keras3_callbacks_act_on_the_job_and_tensorboard_logs(shell):
+def test_keras3_callbacks_act_on_the_job_and_tensorboard_logs(shell, capsys):
     run(shell, ETL.format(name="k3cb", rows=2000))
+    capsys.readouterr()
     _, err = run(shell, "%%tf_train k3cb --workers 2 --epochs 6 --batch-size 50 --label y --restart\n" + MODEL + """
 def callbacks():
     # No epoch improves on the first by 10: EarlyStopping stops after the second.
@@ -120,7 +121,9 @@ def callbacks():
     import glob
     import os
 
-    assert glob.glob(os.path.join(job.dir, "logs", "**", "events.out.tfevents.*"), recursive=True), "no TensorBoard"
+    assert job.tensorboard_dir == os.path.join(job.dir, "logs")
+    assert glob.glob(os.path.join(job.tensorboard_dir, "**", "events.out.tfevents.*"), recursive=True), "no TensorBoard"
+    assert f"TensorBoard: %tensorboard --logdir {job.tensorboard_dir}" in capsys.readouterr().out
 
 
 def test_train_ctx_with_a_keras3_model_under_the_strategy(shell):

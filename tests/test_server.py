@@ -121,7 +121,7 @@ def test_the_list_shows_every_job_newest_first_with_its_progress(store, api):
         "name": "finished", "state": "succeeded", "run": 1, "attempt": 1, "notebook_path": "work/ratings.ipynb",
         "cell_id": "cell-7", "workers": 2, "ps": 0, "epoch": 2, "epochs": 3, "step": 1200, "loss": 0.25,
         "rows_per_s": 3000.0, "gpu_util": 60.0, "latest_checkpoint": done["latest_checkpoint"],
-        "started": 1000.0, "updated": done["updated"], "error": None, "stopped_early": None}
+        "started": 1000.0, "updated": done["updated"], "error": None, "stopped_early": None, "mlflow_link": None}
     assert done["latest_checkpoint"].endswith("ckpt-1200") and done["updated"] > 1000
     assert by["failed"]["state"] == "failed" and by["failed"]["attempt"] == 3
     assert by["failed"]["error"] == "Job 'failed' failed: ValueError: bad in the cell, line 3", "one line"

@@ -64,7 +64,8 @@ def _store_jobs(home: Path) -> None:
          {"v": 1, "kind": "stopped_early", "time": now - 30, "worker": 0, "run": 1, "attempt": 1, "epoch": 1,
           "epochs": 3, "reason": "EarlyStopping: val_loss did not improve for 1 epoch (patience 1)."}])
     store.write_state("curve", state="succeeded", run=1, attempt=1, started=now - 61, ended=now - 29,
-                      updated=now - 29, error=None, workers=2)
+                      updated=now - 29, error=None, workers=2,
+                      mlflow_link="http://127.0.0.1:5000/#/experiments/1/runs/0a1b2c3d")
     store.save_spec(JobSpec(name="broken", train_source="def build_model(): ..."))
     store.write_state("broken", state="failed", run=1, attempt=1, started=now - 20, ended=now - 19,
                       updated=now - 19, error="Column 'y' has 3 null values.", workers=2)
@@ -97,6 +98,10 @@ def test_the_sidebar_shows_every_job_opens_one_and_stops_the_running_one(lab, ru
         page.wait_for_selector(".tfos-LossChart-line", timeout=30_000)
         assert "ckpt-290" in page.locator(".tfos-JobDetail-checkpoints").text_content()
         assert early in page.locator(".tfos-JobDetail-note").first.text_content()
+        # The MLflow run the job logged to, as a link that opens in a new tab.
+        run_link = page.locator(".tfos-JobDetail-mlflow a")
+        assert run_link.get_attribute("href") == "http://127.0.0.1:5000/#/experiments/1/runs/0a1b2c3d"
+        assert run_link.get_attribute("target") == "_blank"
         page.screenshot(path=str(shots / "sidebar-job.png"))
 
         # Stop the running job from its view; its kernel is busy with a cell meanwhile.

@@ -42,6 +42,8 @@ export interface IJobSummary {
   error: string | null;
   /** A callback of the cell ended training before --epochs: at which epoch, and why. */
   stopped_early?: string | null;
+  /** The MLflow run the job logs to: a tracking server's run page, or "run ID in STORE". */
+  mlflow_link?: string | null;
 }
 
 export interface ICheckpoint {

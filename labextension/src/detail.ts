@@ -383,7 +383,8 @@ export class JobDetailView extends Widget {
       timeText(updated)
     );
     const early = job.stopped_early ? [el('p', 'tfos-JobDetail-note', job.stopped_early)] : [];
-    return [progressBar(job), el('p', 'tfos-JobDetail-facts', facts.join(' · ')), ...early, when];
+    const tracked = job.mlflow_link ? [mlflowLink(job.mlflow_link)] : [];
+    return [progressBar(job), el('p', 'tfos-JobDetail-facts', facts.join(' · ')), ...early, ...tracked, when];
   }
 
   private _errorContent(job: IJobDetail): Node[] {
@@ -527,4 +528,16 @@ function table(columns: string[], rows: Array<Array<string | Node>>): HTMLTableE
     el('thead', '', head),
     el('tbody', '', ...body)
   );
+}
+
+/** "MLflow: " and the run: a link to a tracking server's page, else the run and its store as text. */
+function mlflowLink(link: string): HTMLParagraphElement {
+  if (!/^https?:\/\//.test(link)) {
+    return el('p', 'tfos-JobDetail-mlflow', `MLflow: ${link}`);
+  }
+  const anchor = el('a', '', link);
+  anchor.href = link;
+  anchor.target = '_blank';
+  anchor.rel = 'noopener noreferrer';
+  return el('p', 'tfos-JobDetail-mlflow', 'MLflow: ', anchor);
 }

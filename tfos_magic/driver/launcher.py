@@ -28,7 +28,8 @@ from ..task.feeder import RESULT_DDL, make_ps_task, make_task
 from .channel import DriverChannel
 from .checkpoint_dir import VisibilityMarker, check_visible, check_writable, checkpoint_dir_for
 from .columns import prepare
-from .observers import JobObserver
+from . import mlflow_tracking
+from .observers import JobObserver, Observers
 from .registry import EmbeddedRegistry, ZooKeeperView
 from .executor_env import plan_env, ship_package
 from .slots import check_dynamic_allocation, check_slots
@@ -189,6 +190,7 @@ class _Planned:
     channel: DriverChannel
     groups: str
     marker: VisibilityMarker | None
+    mlflow: bool = False  # log the run to MLflow (driver/mlflow_tracking.py)
 
     def close(self) -> None:
         if self.marker is not None:
@@ -239,7 +241,8 @@ def _plan(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Data
                     checkpoint_dir=checkpoint_dir, registry=registry_plan,
                     log_dir=store.log_dir(name, checkpoint_dir), failpoint=os.environ.get("TFOS_FAILPOINT") or None,
                     env=env_plan, checkpoint_marker=marker.path if marker else None)
-    return _Planned(backend, frame, plan, profile, registry, channel, groups, marker)
+    return _Planned(backend, frame, plan, profile, registry, channel, groups, marker,
+                    mlflow=mlflow_tracking.wanted(spec.options.mlflow))
 
 
 def _run(planned: _Planned, store: JobStore, observers: JobObserver, origin: RunOrigin,
@@ -274,6 +277,8 @@ def _run(planned: _Planned, store: JobStore, observers: JobObserver, origin: Run
                 stop_event.set()
         return stop_event.is_set()
 
+    if planned.mlflow:
+        observers = Observers([observers, _tracker(store, name, opts, observers)])
     observers.on_start(dict(state, job=name))
     try:
         with _interrupt_raises_only():
@@ -326,6 +331,16 @@ def _run(planned: _Planned, store: JobStore, observers: JobObserver, origin: Run
     final = store.write_state(name, state="succeeded", ended=time.time(), error=None)
     observers.on_end(final)
     return final
+
+
+def _tracker(store: JobStore, name: str, opts: TrainOptions, observers: JobObserver) -> JobObserver:
+    """The MLflow observer of this run; where it logs goes to the store and the other observers."""
+
+    def announce(event: dict[str, Any]) -> None:
+        store.append_events(name, [event])
+        observers.on_event(event)
+
+    return mlflow_tracking.MlflowTracker(name, opts.to_dict(secrets=False), store, announce, restart=opts.restart)
 
 
 @contextlib.contextmanager

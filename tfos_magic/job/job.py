@@ -18,6 +18,13 @@ from .spec import JobSpec
 from .store import JobStore
 
 
+def tensorboard_line(log_dir: str) -> str:
+    """The line that shows a job's TensorBoard logs in a notebook (after `%load_ext tensorboard`)."""
+    import shlex
+
+    return f"%tensorboard --logdir {shlex.quote(log_dir)}"
+
+
 class Job:
     def __init__(self, name: str, store: JobStore | None = None) -> None:
         self.store = store or JobStore()
@@ -139,6 +146,41 @@ class Job:
         trusted = trust_problem(model["path"]) is None
         return predict(df, ModelRef(model["path"], version, self.spec.train_source, self.name, trusted), spec,
                        output_col, int(outputs), self.spec.options.fillna)
+
+    @property
+    def tensorboard_dir(self) -> str | None:
+        """Where the chief of the job's latest run wrote TensorBoard's event files, if it did."""
+        dirs = [e["tensorboard"] for e in self.store.events(self.name) if e.get("kind") == "training"
+                and e.get("tensorboard")]
+        return dirs[-1] if dirs else None
+
+    def tensorboard(self) -> Any:
+        """Start TensorBoard on the job's logs, shown inline in the notebook (TensorBoard's
+        own `notebook.start`, as `%tensorboard` does): loss and metrics every 50 steps and
+        every epoch, written by the chief."""
+        log_dir = self.tensorboard_dir
+        if log_dir is None:
+            raise TfosError(f"Job {self.name!r} wrote no TensorBoard logs: they are written by build_model() jobs "
+                            "when the tensorboard package is installed in the executors' Python.")
+        from tensorboard import notebook
+
+        return notebook.start(tensorboard_line(log_dir).split(" ", 1)[1])
+
+    def input_example(self, rows: int = 2) -> Any:
+        """Zeros shaped as the model took its inputs in training: one matrix, or a dict of
+        columns (for a signature: the feed the job recorded says how columns were encoded)."""
+        import numpy as np
+
+        from .export import MATRIX_INPUT, input_signature
+
+        feed = self._state.get("feed")
+        if not feed:
+            raise TfosError(f"Job {self.name!r} has no recorded feed; run it again with this version of tfos-magic.")
+        spec = FeedSpec.from_dict(feed).inputs_only()
+        arrays = {name: np.zeros([rows] + [d or 1 for d in s.shape[1:]], s.dtype.as_numpy_dtype)
+                  for name, s in input_signature(spec).items()}
+        return arrays[MATRIX_INPUT] if MATRIX_INPUT in arrays and len(arrays) == 1 and spec.inputs == "matrix" \
+            else arrays
 
     def export(self, path: str) -> str:
         """Write the trained model as a TensorFlow SavedModel at `path` (any tf.io.gfile

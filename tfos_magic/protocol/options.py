@@ -112,6 +112,9 @@ class TrainOptions:
                              "archive (`tfos pack-env`; a path or URI, shipped with the job) or a directory "
                              "present on every node; without it, the executors' own Python",
                              metavar="PATH_OR_URI", env="TFOS_EXECUTOR_ENV")
+    mlflow: str = option("auto", "log params, metrics and the model to MLflow from the kernel: auto logs when "
+                         "mlflow is installed and a tracking URI is set or a run is active", choices=("off", "auto", "on"),
+                         env="TFOS_MLFLOW")
     stall_timeout: float = option(600.0, "fail the job when no worker makes progress for S seconds, showing "
                                   "each worker's last event", type=float, metavar="S", env="TFOS_STALL_TIMEOUT",
                                   minimum=1)

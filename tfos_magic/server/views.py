@@ -206,6 +206,7 @@ class JobViews:
             "updated": finite_number(state.get("updated")),
             "error": _one_line(state.get("error")),
             "stopped_early": digest.stopped_early,
+            "mlflow_link": short_text(state.get("mlflow_link")),  # the MLflow run it logs to, if any
         }
 
     def _notebook_path(self, recorded: str | None) -> str | None:
@@ -235,7 +236,7 @@ def _unreadable(name: str, exc: BaseException) -> dict[str, Any]:
     return {"name": name, "state": "unknown", "run": 0, "attempt": 0, "notebook_path": None, "cell_id": None,
             "workers": 0, "ps": 0, "epoch": 0, "epochs": 0, "step": None, "loss": None, "rows_per_s": None,
             "gpu_util": None, "latest_checkpoint": None, "started": None, "updated": None,
-            "error": _one_line(_cannot_read(name, exc)), "stopped_early": None}
+            "error": _one_line(_cannot_read(name, exc)), "stopped_early": None, "mlflow_link": None}
 
 
 def _one_line(text: Any) -> str | None:

@@ -12,6 +12,7 @@ import html
 import io
 from typing import Any
 
+from ..job.job import tensorboard_line
 from .model import DashboardModel
 
 
@@ -88,6 +89,10 @@ def facts(model: DashboardModel) -> list[tuple[str, str]]:
     ]
     if model.model_path:
         rows.append(("model", model.model_path))
+    if model.mlflow_link:
+        rows.append(("MLflow", model.mlflow_link))
+    if model.tensorboard_dir:
+        rows.append(("TensorBoard", tensorboard_line(model.tensorboard_dir)))
     gpu = []
     for worker in range(model.workers):
         peak = model.peak_gpu.get(worker)
