@@ -140,6 +140,10 @@ def test_a_legacy_job_logs_to_a_tracking_server(shell, tracking, mlflow_server, 
     link = f"{mlflow_server}/#/experiments/"
     assert link in job._state["mlflow_link"] and run_id in job._state["mlflow_link"]
     assert f"MLflow: {job._state['mlflow_link']}" in capsys.readouterr().out, "the summary links the run"
+    # Logging a legacy model (mlflow.tensorflow) leaves the kernel's tf.keras the legacy one.
+    import tensorflow as tf
+
+    assert tf.keras.__name__.startswith("tf_keras"), tf.keras.__name__
     seen = read_back(mlflow_server, run_id)
     assert seen["status"] == "FINISHED" and [s for s, _ in seen["history"]["loss"]] == [1, 2]
     assert len(seen["predicted"]) == 3

@@ -15,11 +15,12 @@ executors.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..errors import TfosError
 from .observers import JobObserver
@@ -141,7 +142,27 @@ class MlflowTracker(JobObserver):
         mlflow = self._mlflow
         signature = mlflow.models.infer_signature(example, _predict(model, example))
         flavor = mlflow.keras if kind_of(model) == KERAS3 else mlflow.tensorflow
-        flavor.log_model(model, name="model", signature=signature)  # into the active run: this job's
+        with _keeping_tf_keras():
+            flavor.log_model(model, name="model", signature=signature)  # into the active run: this job's
+
+
+@contextlib.contextmanager
+def _keeping_tf_keras() -> Iterator[None]:
+    """The kernel's `tf.keras` as it was: mlflow.tensorflow imports the module
+    `tensorflow.keras`, which replaces TensorFlow's lazily chosen (legacy) `tf.keras` with
+    Keras 3's, and the kernel could then no longer load a legacy job's model."""
+    import tensorflow as tf
+
+    attribute, module = vars(tf).get("keras"), sys.modules.get("tensorflow.keras")
+    try:
+        yield
+    finally:
+        if attribute is not None:
+            tf.keras = attribute
+        if module is None:
+            sys.modules.pop("tensorflow.keras", None)
+        else:
+            sys.modules["tensorflow.keras"] = module
 
 
 def _predict(model: Any, example: Any) -> Any:
