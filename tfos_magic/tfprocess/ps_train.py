@@ -211,6 +211,7 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
         ctx.feed.epoch = epoch  # which shuffled order this pass takes
         sess.run(data.initializer)
         total, steps, rows0, t0 = 0.0, 0, ctx.feed.rows_delivered, time.monotonic()
+        since_report = [0.0, 0]  # the loss's sum and steps since the last report: the curve's interval mean
         while True:
             try:
                 _, value, step = sess.run([train_op, loss, step_after])
@@ -220,12 +221,15 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
             if epoch == 0:
                 ctx.failpoint.hit("streaming")
             total, steps = total + float(value), steps + 1
+            since_report[0], since_report[1] = since_report[0] + float(value), since_report[1] + 1
             if ctx.should_stop(int(step)):
                 ctx.stop_here(sess, int(step), epoch=epoch)
             if throttle():
-                ctx.report(step=int(step), loss=total / steps,
+                interval = since_report[0] / since_report[1]
+                since_report[:] = [0.0, 0]
+                ctx.report(step=int(step), loss=interval, loss_epoch_mean=total / steps,
                            rows_per_s=(ctx.feed.rows_delivered - rows0) / (time.monotonic() - t0))
-                _scalars(board, int(step), loss=total / steps)
+                _scalars(board, int(step), loss=interval)
             if every and ctx.is_chief and step - last_saved >= every:
                 ctx.save(sess, int(step), epoch=epoch)
                 last_saved = step

@@ -30,6 +30,10 @@ def loss_png(model: DashboardModel, width: float = 7.0, height: float = 2.6) -> 
             ax.plot(xs, ys, "o-", color="#d62728", lw=2, ms=4, label="val_loss")
         else:
             ax.plot(xs, ys, lw=1.2, label=name)
+    if model.epoch_loss.x:  # each epoch's mean training loss, at the epoch's last step
+        xs, ys = model.epoch_loss.decimated()
+        ax.plot(xs, ys, "s", color="#333333", ms=4, label="epoch loss")
+        series = {**series, "epoch loss": (xs, ys)}
     if all(y > 0 for _, ys in series.values() for y in ys):
         ax.set_yscale("log")  # losses span decades
     ax.set_xlabel("step")
