@@ -67,9 +67,14 @@ class StepLoop:
         self._train_fns: dict[int, Any] = {}
         self._test_fn: Any = None
         self.sizable = True  # tfos may size its steps a call
+        self._training: list[Any] = []  # callbacks told that training began, in that order
 
     def finish(self) -> None:
-        """Nothing to put back: the loop never changed the model's compile settings."""
+        """Training is over: the callbacks hear it once (TensorBoard closes its writers),
+        as after one `fit`. The model's compile settings were never changed."""
+        for callback in self._training:
+            callback.on_train_end()
+        self._training = []
 
     def build(self, element_spec: Any) -> None:
         """Build the model, its compiled loss and metrics and the optimizer from the feed's
@@ -109,10 +114,13 @@ class StepLoop:
         Returns the epoch's logs, the job's metrics, as `fit` would give its callbacks."""
         model = self.model
         model.stop_training = False
-        model.reset_metrics()
+        with self.strategy.scope():
+            model.reset_metrics()
         batch_hooks = [c for c in callbacks if acts_per_step(c)]
         for callback in callbacks:
-            callback.on_train_begin()
+            if not any(callback is c for c in self._training):  # once, as in one `fit`
+                self._training.append(callback)
+                callback.on_train_begin()
             callback.on_epoch_begin(epoch)
         iterator = iter(data)
         done = 0
@@ -150,7 +158,8 @@ class StepLoop:
                 return strategy.run(model.test_step, args=(next(iterator),))
 
             self._test_fn = test
-        self.model.reset_metrics()
+        with self.strategy.scope():
+            self.model.reset_metrics()
         iterator = iter(data)
         batch = 0
         while True:

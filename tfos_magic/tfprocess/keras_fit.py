@@ -233,7 +233,7 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool,
             why = user_callbacks.stopped_by(mine) or "another worker's callback stopped training"
             ctx.send("stopped_early", epoch=epoch + 1, epochs=ctx.epochs, reason=why)
             break
-    trainer.finish()  # the model's own steps a call, as it is saved
+    trainer.finish()  # the model's own steps a call, as it is saved; the Keras 3 callbacks' end of training
     for callback in mine:
         callback.finish()
     if any(callback.restores_weights for callback in mine):
