@@ -42,10 +42,14 @@ ETL_VAL = """%%spark_etl {name}
 from pyspark.sql import functions as F
 # A fixed partition count: spark.range's default follows the executors registered at the
 # time, and a different layout in a restarted attempt gives a worker a few other rows.
-df = spark.range(16000, numPartitions=4).select(*[F.rand(seed=i).alias(f"x{{i}}") for i in range(4)])
-df = df.withColumn("y", 2 * F.col("x0") - 3 * F.col("x1") + 0.5 * F.col("x2") + F.col("x3") + 1.0
-                   + 0.5 * F.randn(seed=9))
-val = df.limit(1500)
+def rows(n, partitions, seed):
+    out = spark.range(n, numPartitions=partitions).select(*[F.rand(seed=seed + i).alias(f"x{{i}}") for i in range(4)])
+    return out.withColumn("y", 2 * F.col("x0") - 3 * F.col("x1") + 0.5 * F.col("x2") + F.col("x3") + 1.0
+                          + 0.5 * F.randn(seed=seed + 9))
+df = rows(16000, 4, 0)
+# Its own rows, the same wherever they are computed: a limit's rows may differ between the
+# job and the kernel's toPandas, and the saved model is scored on the kernel's.
+val = rows(1500, 1, 100)
 df
 """
 
@@ -106,7 +110,7 @@ def test_a_keras3_job_on_a_standalone_cluster(cluster_kernel):
     executors, with validation; the kernel loads a Keras 3 model that agrees with the
     executors' predictions."""
     kernel, home = cluster_kernel
-    reply, out = kernel.run(ETL_VAL.format(name="k3_sa").replace("\n                   + 0.5 * F.randn(seed=9)", ""))
+    reply, out = kernel.run(ETL_VAL.format(name="k3_sa").replace("\n                          + 0.5 * F.randn(seed=seed + 9)", ""))
     assert reply["status"] == "ok", out
     reply, out = kernel.run("%%tf_train k3_sa --workers 2 --epochs 3 --batch-size 128 --label y --validation-df val "
                             "--restart\n" + keras3_cell(inputs=4, hidden=16, learning_rate=0.01))
