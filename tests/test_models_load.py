@@ -61,7 +61,10 @@ class Affine(tf.keras.layers.Layer):
         self.units = units
 
     def build(self, shape):
-        self.w = self.add_weight(name="kernel", shape=(shape[-1], self.units))
+        # Positive weights: the features are positive, so no ReLU unit starts dead (with the
+        # default initializer, a draw whose units were all dead predicted a constant).
+        self.w = self.add_weight(name="kernel", shape=(shape[-1], self.units),
+                                 initializer=tf.keras.initializers.RandomUniform(0.1, 1.0))
 
     def call(self, x):
         return tf.nn.relu(tf.matmul(x, self.w))
