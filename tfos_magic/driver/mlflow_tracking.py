@@ -26,7 +26,6 @@ from ..errors import TfosError
 from .observers import JobObserver
 
 FLUSH_S = 10.0  # interval losses are sent in batches this often
-MODES = ("off", "auto", "on")
 
 
 def wanted(mode: str) -> bool:
@@ -70,7 +69,6 @@ class MlflowTracker(JobObserver):
         self._owned = False  # a run of our own, ended here; the kernel's active run is left open
         self._pending: list[Any] = []
         self._flushed = time.monotonic()
-        self._model_path: str | None = None
 
     def on_start(self, state: dict[str, Any]) -> None:
         mlflow = self._mlflow
@@ -109,8 +107,6 @@ class MlflowTracker(JobObserver):
             self._pending.append(Metric("interval_loss", float(metrics["loss"]), now, int(event["step"])))
             if time.monotonic() - self._flushed >= FLUSH_S:
                 self._flush()
-        elif kind == "model":
-            self._model_path = event.get("path")
 
     def _flush(self) -> None:
         if self._pending:
