@@ -92,7 +92,7 @@ class SimWorker:
         time.sleep(max(0.0, at - time.time()))
         started = time.monotonic()
         self.listen = self._open(on_control=lambda message: None)
-        if self.listen.connected:  # else the TF process has already given up (tfprocess/child.py)
+        if self.listen.connected:  # else the TF process has already given up (training/child.py)
             self.requests = self._open()
         if self.requests is not None and self.requests.connected:
             try:

@@ -85,7 +85,7 @@ N_USERS, N_ITEMS, N_DENSE = 5000, 2000, 4
 MLP_FEATURES = [f"f{i}" for i in range(N_FEATURES)]
 FM_FEATURES = ["user", "item"] + [f"d{i}" for i in range(N_DENSE)]
 WORKLOADS = ("mlp", "fm")
-UNBOUNDED_STEPS = 2**31 - 1  # as tfos_magic/tfprocess/keras_fit.py
+UNBOUNDED_STEPS = 2**31 - 1  # as tfos_magic/training/keras_fit.py
 SCRIPT = os.path.abspath(__file__)
 
 # The one model definition of each workload; every path runs this source, then build_model().

@@ -2,7 +2,7 @@
 
 The same mlp model as bench/e2e.py (Dense 16->64->64->1, Adam, MSE, batch 512 rows per
 worker), written once with `tf.keras` (legacy Keras, trained with `fit`) and once with
-`import keras` (Keras 3, trained by tfprocess/keras3_loop.py's step loop), on:
+`import keras` (Keras 3, trained by training/keras3_loop.py's step loop), on:
 
   plain     one fresh TF process, from_tensor_slices -> batch, model.fit (each Keras' own)
   tfos w1   the real launch() path, 1 worker, local[2] Spark

@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from tfos_magic.protocol.feed_spec import ColumnSpec, FeedSpec
 from tfos_magic.protocol.options import TrainOptions
-from tfos_magic.tfprocess.arrow_feed import ArrowFeed
+from tfos_magic.training.arrow_feed import ArrowFeed
 
 FEATURES = [f"f{i}" for i in range(16)]
 BATCH = 512

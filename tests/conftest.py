@@ -289,7 +289,7 @@ def spark_standalone(tmp_path_factory):
             os.killpg(p.pid, signal.SIGKILL)
 
 
-def tf_processes(pattern: str = "tfos_magic.tfprocess.child") -> list:
+def tf_processes(pattern: str = "tfos_magic.training.child") -> list:
     """Live processes whose command line or open files contain `pattern` (TF task processes
     by default, spares included; their work dir names hold the job, role and index:
     tfos-JOB-worker1-..., in the command line of a fresh one and in the path of the log
@@ -300,7 +300,7 @@ def tf_processes(pattern: str = "tfos_magic.tfprocess.child") -> list:
     for p in psutil.process_iter(["cmdline"]):
         try:
             cmdline = " ".join(p.info["cmdline"] or [])
-            if pattern in cmdline or ("tfos_magic.tfprocess.child" in cmdline
+            if pattern in cmdline or ("tfos_magic.training.child" in cmdline
                                       and any(pattern in f.path for f in p.open_files())):
                 found.append(p)
         except psutil.Error:

@@ -16,7 +16,7 @@ import pytest
 
 from tfos_magic.errors import TfosError
 from tfos_magic.protocol.net import TF_REUSE_PORT_ENV, ReservedPort, free_port
-from tfos_magic.tfprocess.peers import wait_reachable, watch_reachable
+from tfos_magic.training.peers import wait_reachable, watch_reachable
 
 
 TF_SERVER = """

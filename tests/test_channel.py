@@ -79,7 +79,7 @@ def test_closing_the_attempt_fences_its_process_with_a_quiet_result(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", f"""
 import time
 from tfos_magic.protocol.channel import ChannelClient
-from tfos_magic.tfprocess.child import _fenced
+from tfos_magic.training.child import _fenced
 client = ChannelClient("127.0.0.1:{channel.port}", "job1", "{token}", on_close=lambda: _fenced({str(result_path)!r}))
 assert client.connected
 print("connected", flush=True)
@@ -510,7 +510,7 @@ def test_a_listener_whose_own_send_timed_out_reconnects_and_the_notebook_can_sti
 def test_a_cell_that_prints_a_lot_sends_a_few_lines_a_second_and_says_how_many_it_held_back(notebook):
     import io
 
-    from tfos_magic.tfprocess.child import LOG_LINES_PER_S, _PrintsToNotebook
+    from tfos_magic.training.child import LOG_LINES_PER_S, _PrintsToNotebook
 
     client = ChannelClient(notebook.address, "job1", notebook.token)
     log_file = io.StringIO()

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from tfos_magic.tfprocess.gpu_sampler import GpuSampler, sample, visible_indexes
+from tfos_magic.training.gpu_sampler import GpuSampler, sample, visible_indexes
 from tfos_magic.ui import summary
 from tfos_magic.ui.model import DashboardModel
 from tfos_magic.ui.widget import DashboardObserver
@@ -132,7 +132,7 @@ def test_gpu_sampler_reads_a_fake_device_and_no_gpu_gives_process_stats():
     assert readings and [d["gpu"] for d in readings[0]["devices"]] == [0, 1]
     assert readings[0]["devices"][0]["utilization"] == 50.0
     # This machine has no GPU: NVML finds none, and the reading is the process's own load.
-    from tfos_magic.tfprocess.gpu_sampler import default_source
+    from tfos_magic.training.gpu_sampler import default_source
 
     assert default_source() is None
     none = sample(None)

@@ -7,7 +7,7 @@ import pytest
 from conftest import run
 
 from tfos_magic import JobFailed, get_job
-from tfos_magic.tfprocess.failures import describe, shorten
+from tfos_magic.training.failures import describe, shorten
 
 ETL = """%%spark_etl {name}
 from pyspark.sql import functions as F

@@ -1,6 +1,6 @@
 """Fault injection: a worker's TF process is killed (SIGKILL) at a seeded random moment of
 a phase of a run: start-up, the first epoch while Spark still streams, mid-checkpoint,
-validation or the final save (tfprocess/failpoints.py); each phase in one mode or both. Every run must restart from its
+validation or the final save (training/failpoints.py); each phase in one mode or both. Every run must restart from its
 latest checkpoint, end with the unfaulted run's total step count, lose at most one
 checkpoint interval of steps, and reach a final validation loss within 10% of the unfaulted
 run's (in ps mode, the saved model's loss on all validation rows).
@@ -12,7 +12,7 @@ import pytest
 from conftest import regression_cell, run
 
 from tfos_magic import get_job
-from tfos_magic.tfprocess.failpoints import PHASES
+from tfos_magic.training.failpoints import PHASES
 
 INTERVAL = 25
 ETL = """%%spark_etl {name}

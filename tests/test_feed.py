@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from tfos_magic.protocol.feed_spec import SPLIT_COLUMN, ColumnSpec, FeedError, FeedSpec
-from tfos_magic.tfprocess.arrow_feed import ArrowFeed
+from tfos_magic.training.arrow_feed import ArrowFeed
 
 
 def _stream(batches):
@@ -127,7 +127,7 @@ import io, os, sys, tempfile
 import numpy as np, pyarrow as pa
 import tensorflow as tf
 from tfos_magic.protocol.feed_spec import SPLIT_COLUMN, ColumnSpec, FeedSpec
-from tfos_magic.tfprocess.arrow_feed import ArrowFeed
+from tfos_magic.training.arrow_feed import ArrowFeed
 
 def stream(split):
     rng = np.random.default_rng(0)
@@ -352,7 +352,7 @@ def test_a_python_source_opens_a_pass_per_iterator_and_reports_its_errors():
     surfacing from the iterator with its message."""
     import tensorflow as tf
 
-    from tfos_magic.tfprocess.python_source import iterator_dataset
+    from tfos_magic.training.python_source import iterator_dataset
 
     opened, closed = [], []
 

@@ -10,7 +10,7 @@ from pyspark.sql import types as T
 from tfos_magic import JobFailed, get_job
 from tfos_magic.driver.columns import prepare
 from tfos_magic.protocol.feed_spec import ColumnSpec, FeedSpec
-from tfos_magic.tfprocess.model_inputs import InputMismatch, check, mismatch
+from tfos_magic.training.model_inputs import InputMismatch, check, mismatch
 
 
 def _frame(spark, **types):

@@ -1,4 +1,4 @@
-"""Keras 3 models (`import keras`): the step loop of tfprocess/keras3_loop.py trains them
+"""Keras 3 models (`import keras`): the step loop of training/keras3_loop.py trains them
 on every worker, with the feed, validation, checkpoints, resume, predict and export of
 the legacy path; ps mode refuses them at once, naming the fixes. The same job on the
 standalone cluster is in test_cluster.py, its kernel restart in test_resume.py."""
@@ -191,7 +191,7 @@ def test_a_keras3_model_on_another_backend_names_the_fix(monkeypatch):
     answer of keras.backend.backend() is what tfos reads.)"""
     import keras
 
-    from tfos_magic.tfprocess.keras3_loop import check_model
+    from tfos_magic.training.keras3_loop import check_model
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     assert check_model(model) == "keras"

@@ -1,7 +1,7 @@
 """The layout shows which process runs a line, and the imports keep it true.
 
 kernel (magics, session, driver/, job/, ui/, examples/) -> protocol/; task/ -> protocol/;
-tfprocess/ -> protocol/; protocol/ -> nothing of the package but errors; the command
+training/ -> protocol/; protocol/ -> nothing of the package but errors; the command
 line (cli/) drives jobs as a kernel does, so it may import the kernel side, never the reverse;
 the Jupyter server's extension (server/) reads the job store (job/) and nothing else of the
 kernel side, so it never loads Spark or TensorFlow.
@@ -18,7 +18,7 @@ SIDES = {
     "server": {"server"},
     "kernel": {"api", "magics", "session", "driver", "job", "ui", "examples", "__init__"},
     "task": {"task"},
-    "tfprocess": {"tfprocess"},
+    "training": {"training"},
     "shared": {"protocol", "errors"},
 }
 ALLOWED = {
@@ -26,7 +26,7 @@ ALLOWED = {
     "server": {"server", "shared"},
     "kernel": {"kernel", "shared"},
     "task": {"task", "shared"},
-    "tfprocess": {"tfprocess", "shared"},
+    "training": {"training", "shared"},
     "shared": {"shared"},
 }
 # The one part of the kernel side the server extension may use: the store and its readers.
@@ -109,7 +109,7 @@ def test_the_tf_process_and_the_formats_import_no_spark_and_the_task_no_tensorfl
     for path in _modules():
         component = _component(path)
         external = _external(path)
-        if _side(component) in ("tfprocess", "shared"):
+        if _side(component) in ("training", "shared"):
             assert not external & {"pyspark", "IPython", "jupyter_core"}, (path, external)
         if _side(component) == "server":
             assert not external & {"pyspark", "IPython", "tensorflow", "tf_keras"}, (path, external)
@@ -118,7 +118,7 @@ def test_the_tf_process_and_the_formats_import_no_spark_and_the_task_no_tensorfl
 
 
 def test_importing_the_task_side_loads_neither_tensorflow_nor_jupyter():
-    code = ("import sys, tfos_magic.task.feeder, tfos_magic.tfprocess.child, tfos_magic.tfprocess.arrow_feed\n"
+    code = ("import sys, tfos_magic.task.feeder, tfos_magic.training.child, tfos_magic.training.arrow_feed\n"
             "print(sorted(m for m in ('tensorflow', 'pyspark', 'jupyter_core', 'IPython') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -3,7 +3,7 @@ custom losses and metrics, in this kernel, in a new kernel, on the executors (`p
 and as a SavedModel served by a process that never ran the cell.
 
 Each kind trains as a 2-worker job on the shared local[2] session. The chief checks that
-its saved file loads and predicts as the trained model did (tfprocess/model_check.py);
+its saved file loads and predicts as the trained model did (training/model_check.py);
 a model whose file is a different model fails its job, naming the reason and the fix.
 """
 

@@ -278,7 +278,7 @@ def test_a_worker_killed_on_the_second_host_resumes_every_worker_from_the_shared
         job = get_job("mh_kill", kernel.home)
         saved = _wait(lambda: [e for e in job.events if e["kind"] == "checkpoint"], 300, "the first checkpoint")
         h2 = cluster.host("tfos-h2")
-        victims = cluster.processes(h2, "tfos_magic.tfprocess.child")
+        victims = cluster.processes(h2, "tfos_magic.training.child")
         assert len(victims) == 1, (victims, _story(job))
         victims[0].kill()
         _wait(lambda: job.state != "running", 600, "the job to end", every=1.0)

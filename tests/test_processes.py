@@ -31,7 +31,7 @@ def build_model():
     m.compile(optimizer="sgd", loss="mse")
     return m
 """
-ANY_TF = "tfos_magic.tfprocess.child"
+ANY_TF = "tfos_magic.training.child"
 
 
 def _train(kc, name: str, flags: str = "", extra: str = "", workers: int = 2, timeout: float = 180):

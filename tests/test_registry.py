@@ -11,7 +11,7 @@ from kazoo.exceptions import NoAuthError
 from tfos_magic.driver.channel import DriverChannel
 from tfos_magic.driver.registry import EmbeddedRegistry, ZooKeeperView
 from tfos_magic.protocol.registry import RegistryError
-from tfos_magic.tfprocess.registry import EmbeddedRegistryClient, ZooKeeperRegistryClient
+from tfos_magic.training.registry import EmbeddedRegistryClient, ZooKeeperRegistryClient
 
 COUNTS = {"ps": 1, "worker": 2}
 

@@ -1,7 +1,7 @@
-"""The stop agreement of tfprocess/stopping.py: pure logic, driven step by step. The real
+"""The stop agreement of training/stopping.py: pure logic, driven step by step. The real
 stop (a kernel interrupt, %tfos_stop) runs in test_processes.py."""
 
-from tfos_magic.tfprocess.stopping import MIN_LEAD_STEPS, StopSignal
+from tfos_magic.training.stopping import MIN_LEAD_STEPS, StopSignal
 
 
 def test_nothing_stops_without_a_request():

@@ -3,7 +3,7 @@
 Load it with `%load_ext tfos_magic`.
 
 Where code runs shows in the layout: `magics`, `session`, `driver/` and `job/` run in
-the notebook's kernel; `task/` runs in Spark tasks on the executors; `tfprocess/` runs
+the notebook's kernel; `task/` runs in Spark tasks on the executors; `training/` runs
 in the TF process each task starts; `protocol/` holds the formats they share. This
 module imports nothing heavy, so a TF process that imports the package loads neither
 Spark nor Jupyter.

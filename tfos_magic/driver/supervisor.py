@@ -268,7 +268,7 @@ def run_attempt(jobs: AttemptJobs, monitor: RunMonitor, expected: list[tuple[str
 def _checkpoint_before_stop(workers: SparkJob, monitor: RunMonitor, observers: JobObserver,
                             stop: StopControl) -> None:
     """Ask the TF processes to stop, and give them up to STOP_SAVE_S to agree on a step
-    and checkpoint it (tfprocess/stopping.py). Before training began there is nothing to
+    and checkpoint it (training/stopping.py). Before training began there is nothing to
     save. A second interrupt while waiting ends the wait."""
     if not monitor.training or not workers.running or stop.tell_tasks() == 0:
         return

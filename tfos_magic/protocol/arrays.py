@@ -1,6 +1,6 @@
 """Arrow record batches to the numpy arrays a model takes, the same way everywhere.
 
-The TF process feeds training with it (`tfprocess/arrow_feed.py`) and the Spark task
+The TF process feeds training with it (`training/arrow_feed.py`) and the Spark task
 predicts with it (`task/predictor.py`), so a column is encoded for inference exactly
 as it was for training: one float32 matrix of the features in column order, or a dict
 of named arrays (int64 ids stay int64). No per-row Python.

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 from .cells import cell_filename, parse
 
-MODULE = "__tfos_train__"  # the name the TF process runs the cell under (tfprocess/child.py)
+MODULE = "__tfos_train__"  # the name the TF process runs the cell under (training/child.py)
 
 _DEFINITIONS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
                 ast.Assign, ast.AnnAssign, ast.AugAssign)

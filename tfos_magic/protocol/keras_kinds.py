@@ -2,7 +2,7 @@
 legacy Keras 2 (`tf.keras` under TF_USE_LEGACY_KERAS=1, `import tf_keras`).
 
 Both live in every process tfos starts: the workers train a legacy model with `fit` and a
-Keras 3 model with a step loop of their own (tfprocess/keras3_loop.py), and the kernel
+Keras 3 model with a step loop of their own (training/keras3_loop.py), and the kernel
 loads each file with the Keras that wrote it. The answers come from a class's module and
 a file's own metadata, so asking imports neither Keras.
 """

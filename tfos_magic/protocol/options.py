@@ -94,6 +94,8 @@ class TrainOptions:
     fillna: float | None = option(None, "replace nulls in scalar feature columns", type=float, metavar="VALUE")
     strategy: str = option("allreduce", "`MultiWorkerMirroredStrategy`, or variables on parameter servers",
                            choices=("allreduce", "ps"), env="TFOS_STRATEGY")
+    framework: str = option("tensorflow", "what trains the cell: TensorFlow (`%%tf_train`), or PyTorch "
+                            "DistributedDataParallel (`%%torch_train`, which sets it)", choices=("tensorflow", "torch"))
     ps: int = option(0, "parameter-server tasks, a Spark job of their own", type=int, metavar="N",
                      shown_default="1 (ps)", minimum=0)
     gpus_per_worker: int = option(0, "GPUs each worker task asks for (stage-level scheduling; ignored in "
@@ -141,6 +143,9 @@ class TrainOptions:
             low, value = f.metadata.get("minimum"), getattr(self, f.name)
             if low is not None and value is not None and value < low:
                 raise TfosError(f"{flag(f.name)} must be at least {low:g}, not {value}.")
+        if self.framework == "torch" and self.strategy == "ps":
+            raise TfosError("--strategy ps is TensorFlow's parameter-server mode; a %%torch_train job trains with "
+                            "DistributedDataParallel (all-reduce): leave --strategy out.")
         if self.strategy == "ps" and self.ps < 1:
             raise TfosError("--strategy ps needs at least one parameter server: --ps 1 or more.")
         return self

@@ -23,6 +23,8 @@ TOKEN_ENV = "TFOS_CHANNEL_TOKEN"
 SPARE_TOKEN_ENV = "TFOS_SPARE_TOKEN"  # a spare's, to listen as one (task/spares.py)
 SPARE_TAKEN = b"tfos: spare taken\n"  # a spare's answer to a task's hand-over, on its stdout
 ZK_AUTH_ENV = "TFOS_REGISTRY_AUTH"
+# Which framework a training process imports while it waits for its config (training/child.py).
+FRAMEWORK_ENV = "TFOS_FRAMEWORK"
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class TaskPlan:
     # chief got past its set-up (which clears them), so that an attempt killed before that
     # does not leave the next one to resume from an earlier run's checkpoint.
     start_over: bool = False
-    # Fault injection for recovery tests (tfprocess/failpoints.py): from the kernel's
+    # Fault injection for recovery tests (training/failpoints.py): from the kernel's
     # TFOS_FAILPOINT, so that it reaches the TF processes on any cluster. None in use.
     failpoint: str | None = None
     env: EnvPlan = field(default_factory=EnvPlan)
@@ -80,6 +82,11 @@ class TaskPlan:
     @property
     def strategy(self) -> str:
         return self.options.strategy
+
+    @property
+    def process_name(self) -> str:
+        """What messages call a training process: "TF" or "PyTorch"."""
+        return "PyTorch" if self.options.framework == "torch" else "TF"
 
     def for_attempt(self, attempt: int, token: str, spare_token: str = "", start_over: bool = False) -> "TaskPlan":
         return dataclasses.replace(self, attempt=attempt, token=token, spare_token=spare_token, start_over=start_over)

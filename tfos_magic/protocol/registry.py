@@ -9,7 +9,7 @@ Two implementations share it:
   host:port, optionally under a digest ACL. An ephemeral node lives as long as the TF
   process that made it, so a dead task leaves the registry by itself.
 
-The TF processes hold the clients (`tfprocess/registry.py`); the notebook holds the
+The TF processes hold the clients (`training/registry.py`); the notebook holds the
 embedded server and its view of ZooKeeper (`driver/registry.py`).
 """
 

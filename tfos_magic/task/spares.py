@@ -4,7 +4,7 @@
 Spark keeps its Python workers between tasks, so once a worker's TF task has succeeded,
 this module starts one spare TF process there (TensorFlow imported, nothing else: no
 job, cell, data or secret), and the next TF task in that worker hands it its config
-instead of starting a process from nothing (tfprocess/child.py, `--spare`).
+instead of starting a process from nothing (training/child.py, `--spare`).
 
 A spare is one process per Python worker that ran a TF task, never more, and it
 carries nothing from one job into the next: it was started before the job that takes
@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from ..protocol.plan import SPARE_TAKEN, SPARE_TOKEN_ENV, TaskPlan
 
-CHILD_MODULE = "tfos_magic.tfprocess.child"
+CHILD_MODULE = "tfos_magic.training.child"
 HAND_OVER_S = 60.0  # a spare still importing TensorFlow answers once the import is done
 
 

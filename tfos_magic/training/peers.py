@@ -13,7 +13,7 @@ import ipaddress
 import socket
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import TfosError
 
@@ -87,3 +87,8 @@ def watch_reachable(peers: dict[str, str], timeout: float, me: str, on_failure: 
 
     threading.Thread(target=run, name="tfos-peers", daemon=True).start()
     return done.set
+
+
+def me(config: Any) -> str:
+    """This process in messages: 'TF worker 1 on 10.0.0.5 (host-b)'."""
+    return f"{config.plan.process_name} {config.role} {config.index} on {config.bind_host} ({socket.gethostname()})"

@@ -1,4 +1,7 @@
-"""`ctx`, what a low-level `train(ctx)` gets, and what the Keras path uses underneath."""
+"""What every framework's `ctx` shares: the job's identity, its metric reports, the
+agreed stop, and its checkpoint dir. Imports no framework: the PyTorch process never
+loads TensorFlow, nor the TF process PyTorch (context.py and torch_context.py add
+each framework's own)."""
 
 from __future__ import annotations
 
@@ -10,20 +13,18 @@ from ..protocol.events import make_event
 from ..protocol.options import TrainOptions
 from ..protocol.paths import join_uri
 from .arrow_feed import ArrowFeed
-from .checkpoints import Checkpointer
 from .failpoints import Failpoint
 from .stopping import StopRequested, StopSignal
 
 
-class TrainContext:
-    """One worker's view of the job: its data, strategy, checkpoints and metric reporting."""
+class JobContext:
+    """One worker's view of the job, whatever trains it: its data, its place among the
+    workers, the stop the workers agree on, and metric reporting."""
 
-    def __init__(self, *, job: str, strategy: Any, feed: ArrowFeed, worker_index: int,
-                 num_workers: int, checkpoint_dir: str, options: TrainOptions,
-                 channel: ChannelClient, log_dir: str = "", stop: StopSignal | None = None,
+    def __init__(self, *, job: str, feed: ArrowFeed, worker_index: int, num_workers: int, checkpoint_dir: str,
+                 options: TrainOptions, channel: ChannelClient, log_dir: str = "", stop: StopSignal | None = None,
                  failpoint: Failpoint | None = None) -> None:
         self.job = job
-        self.strategy = strategy
         self.feed = feed
         self.worker_index = worker_index
         self.num_workers = num_workers
@@ -35,42 +36,15 @@ class TrainContext:
         self._channel = channel
         self._stop = stop or StopSignal(worker_index == 0, lambda step: None)
         self.failpoint = failpoint or Failpoint(None, worker_index, 0)
-        self._checkpointers: list[Checkpointer] = []
+        self._checkpointers: list[Any] = []
 
     @property
     def is_chief(self) -> bool:
         return self.worker_index == 0
 
-    @property
-    def rows_per_step(self) -> int:
-        """Rows this worker takes in one step: a batch for each of its local replicas."""
-        return self.batch_size * max(1, self.strategy.num_replicas_in_sync // max(1, self.num_workers))
-
     def checkpoint_path(self, name: str) -> str:
         """A file in the checkpoint dir, which may be a URI (no os.path)."""
         return join_uri(self.checkpoint_dir, name)
-
-    def dataset(self, batch_size: int | None = None):
-        """This worker's rows as a tf.data.Dataset, streamed from its Spark partitions."""
-        return self.feed.dataset(batch_size or self.batch_size)
-
-    def validation_dataset(self, batch_size: int | None = None):
-        """This worker's share of --validation-df, or None without one."""
-        if not self.feed.spec.has_validation:
-            return None
-        return self.feed.dataset(batch_size or self.batch_size, split="validation")
-
-    def distributed_dataset(self, batch_size: int | None = None, split: str = "train"):
-        """The dataset distributed over this worker's replicas (per-replica batch = batch_size)."""
-        return self.strategy.distribute_datasets_from_function(
-            lambda _ctx: self.feed.dataset(batch_size or self.batch_size, split=split))
-
-    def checkpoint(self, **objects: Any) -> Checkpointer:
-        """A Checkpointer for `objects` in the job's checkpoint dir; call .restore() then .save(step)."""
-        ckpt = Checkpointer(self.checkpoint_dir, self.is_chief, notify=self._checkpoint_saved,
-                            failpoint=self.failpoint, **objects)
-        self._checkpointers.append(ckpt)
-        return ckpt
 
     def _checkpoint_saved(self, path: str, step: int, epoch: int, reason: str) -> None:
         self.send("checkpoint", path=path, step=step, epoch=epoch, reason=reason)
@@ -82,7 +56,7 @@ class TrainContext:
         return, or call `stop_here(ckpt, step)`, which does both."""
         return self._stop.should_stop(int(step))
 
-    def stop_here(self, ckpt: Checkpointer, step: int) -> None:
+    def stop_here(self, ckpt: Any, step: int) -> None:
         """Save the stop's checkpoint and end training (raises StopRequested)."""
         ckpt.save(int(step), reason="stop")
         raise StopRequested(f"stopped at step {int(step)} on request")

@@ -345,31 +345,34 @@ class ArrowFeed:
         ds = ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat())
         return ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
 
+    def numpy_pass(self, split: str = "train") -> Iterator[Any]:
+        """One pass (`batches`) as numpy chunks of any size, each (x, y[, weight]) as
+        `to_numpy` makes them, less `skip_next_pass`'s rows; what every framework's
+        loader cuts into batches (tf.data here, torch_feed.py for PyTorch)."""
+        skip, self._skip_rows = (self._skip_rows, 0) if split == "train" else (0, self._skip_rows)
+        delivered = 0
+        for batch in self.batches(split):
+            arrow = isinstance(batch, pa.RecordBatch)  # else numpy already (from memory)
+            rows = batch.num_rows if arrow else len(_leaves(batch)[0])
+            if skip:  # rows an earlier attempt trained on in this epoch (skip_next_pass)
+                if rows <= skip:
+                    skip -= rows
+                    continue
+                batch = batch.slice(skip) if arrow else _map(batch, lambda a, s=skip: a[s:])
+                rows, skip = rows - skip, 0
+            self._handed += rows
+            delivered += rows
+            yield self.to_numpy(batch) if arrow else batch
+        if split == "train":
+            self.last_pass_rows = delivered
+
     def dataset(self, batch_size: int, split: str = "train"):
         """A tf.data.Dataset of this worker's rows, `batch_size` rows a step, re-iterable per epoch."""
         import tensorflow as tf
 
         from .python_source import iterator_dataset
 
-        def generate():
-            skip, self._skip_rows = (self._skip_rows, 0) if split == "train" else (0, self._skip_rows)
-            delivered = 0
-            for batch in self.batches(split):
-                arrow = isinstance(batch, pa.RecordBatch)  # else numpy already (from memory)
-                rows = batch.num_rows if arrow else len(_leaves(batch)[0])
-                if skip:  # rows an earlier attempt trained on in this epoch (skip_next_pass)
-                    if rows <= skip:
-                        skip -= rows
-                        continue
-                    batch = batch.slice(skip) if arrow else _map(batch, lambda a, s=skip: a[s:])
-                    rows, skip = rows - skip, 0
-                self._handed += rows
-                delivered += rows
-                yield self.to_numpy(batch) if arrow else batch
-            if split == "train":
-                self.last_pass_rows = delivered
-
-        ds = iterator_dataset(generate, self.element_spec(split, class_weights=False))
+        ds = iterator_dataset(lambda: self.numpy_pass(split), self.element_spec(split, class_weights=False))
         return self._for_training(ds.rebatch(batch_size), split).prefetch(tf.data.AUTOTUNE)
 
     def _for_training(self, ds: Any, split: str) -> Any:

@@ -137,7 +137,7 @@ def default_source() -> DeviceSource | None:
     return nvml if nvml.available() else None
 
 
-if __name__ == "__main__":  # a stand-alone check on a GPU machine: python -m tfos_magic.tfprocess.gpu_sampler
+if __name__ == "__main__":  # a stand-alone check on a GPU machine: python -m tfos_magic.training.gpu_sampler
     import json
     import sys
     import time

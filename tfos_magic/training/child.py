@@ -1,10 +1,11 @@
-"""The TF worker process: one per Spark task, fresh each time.
+"""The training process: one per Spark task, fresh each time, TensorFlow or PyTorch.
 
-TF's collective runtime is set up once per process and Spark reuses its Python
-workers, so TF never runs in the Spark worker itself. This process reads its Arrow
-stream on stdin, runs the user's cell, and leaves a result file for the feeding task.
-Usage: python -m tfos_magic.tfprocess.child CONFIG.json [WAIT_S] (secrets in the
-environment: protocol/plan.py). It imports TensorFlow first, then waits up to WAIT_S
+TF's collective runtime (and PyTorch's process group) is set up once per process and
+Spark reuses its Python workers, so training never runs in the Spark worker itself.
+This process reads its Arrow stream on stdin, runs the user's cell through its
+framework's runner (runners.py), and leaves a result file for the feeding task.
+Usage: python -m tfos_magic.training.child CONFIG.json [WAIT_S] (secrets in the
+environment: protocol/plan.py). It imports its framework first, then waits up to WAIT_S
 seconds for CONFIG.json, which the Spark task writes once the cluster is agreed.
 Or `--spare IDLE_S CHANNEL`: a spare for a warm start (task/spares.py), which gets the
 same from the first line of its stdin when a task takes it, and answers on its stdout.
@@ -27,13 +28,11 @@ from ..protocol.channel import REACH_HINT, SPARES_JOB, ChannelClient, hold_liste
 from ..protocol.events import make_event
 from ..protocol.logs import log_tail
 from ..protocol.net import ReservedPort
-from ..protocol.plan import SPARE_TAKEN, SPARE_TOKEN_ENV, TaskConfig
+from ..protocol.plan import FRAMEWORK_ENV, SPARE_TAKEN, SPARE_TOKEN_ENV, TaskConfig
 from .failpoints import Failpoint
 from .failures import failure
-from .peers import wait_reachable, watch_reachable
+from .peers import me
 from .stopping import StopRequested, StopSignal
-
-PACK_BYTES = 32 << 20
 
 
 # What the cell prints reaches the notebook at most this many lines a second per process.
@@ -141,7 +140,7 @@ def _fenced(result_path: str) -> None:
         os._exit(75)
 
 
-def _abort(config: TaskConfig, channel: Any, message: str) -> None:
+def abort(config: TaskConfig, channel: Any, message: str) -> None:
     """Fail this process now, from any thread: a peer that stays unreachable while a
     collective's set-up or step waits for it, which no exception would interrupt."""
     print(f"tfos: {message}", file=sys.stderr, flush=True)
@@ -166,7 +165,7 @@ def run(config: TaskConfig) -> dict[str, Any]:
     channel = ChannelClient(plan.channel_address, plan.job, plan.token, on_close=lambda: _fenced(config.result_path),
                             on_control=on_control, connect_within=plan.options.start_timeout)
     if not channel.connected:
-        return {"status": "error", "error": f"TF {role} {index} {channel.error}. {REACH_HINT}", "sent": False}
+        return {"status": "error", "error": f"{plan.process_name} {role} {index} {channel.error}. {REACH_HINT}", "sent": False}
     # The GPUs Spark gave this task (task/feeder.py), for the dashboard; None: not assigned.
     # And the Python it runs: the executors' own, or the job's --env (docs/deploy.md).
     # `warm`: this process was a spare, TensorFlow loaded before the job began (task/spares.py).
@@ -204,115 +203,52 @@ def run(config: TaskConfig) -> dict[str, Any]:
             # Whether the notebook got it: if not, the Spark task reports it (task/feeder.py).
             result["sent"] = bool(channel.send(make_event("error", index, role=role, message=result["error"],
                                                           details=result["details"])))
-        channel.send(make_event("finished", index, role=role, status=result["status"]))
+        channel.send(make_event("finished", index, role=role, status=result["status"],
+                                **({"frameworks": result["frameworks"]} if "frameworks" in result else {})))
         channel.close()
     return result
 
 
-def _join_cluster(config: TaskConfig, cleanup: list[Any]) -> dict[str, list[str]]:
-    """ps mode: register this task's address and wait for every PS and worker task."""
-    from .registry import client_for
-
-    registry = client_for(config.plan)
-    cleanup.append(registry)  # closing it ends this task's ephemeral ZooKeeper nodes
-    port = ReservedPort(config.bind_host)  # held until the process ends: see ReservedPort
-    cleanup.append(port)
-    address = f"{config.bind_host}:{port.port}"
-    registry.register(config.role, config.index, address)
-    opts = config.plan.options
-    return registry.wait_cluster({"ps": opts.ps, "worker": opts.workers}, timeout=opts.start_timeout)
-
-
-def _me(config: TaskConfig) -> str:
-    return f"TF {config.role} {config.index} on {config.bind_host} ({socket.gethostname()})"
-
-
-def _watch_peers(config: TaskConfig, channel: Any) -> None:
-    """All-reduce: the collective's set-up blocks until every peer answers, so the peers
-    are watched from a thread; one that stays unreachable fails this process."""
-    if config.num_workers < 2:
-        return
-    addresses = json.loads(config.env.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
-    peers = {f"worker {i}": a for i, a in enumerate(addresses) if i != config.index}
-    watch_reachable(peers, config.plan.options.start_timeout, _me(config),
-                    on_failure=lambda message: _abort(config, channel, message))
-
-
-def allreduce_strategy(tf: Any, num_workers: int) -> Any:
-    """MultiWorkerMirroredStrategy, its gradients all-reduced in a few packed collectives
-    rather than one per tensor. One worker has no peer to reduce with: it gets TF's
-    default strategy (MirroredStrategy with several local GPUs), which skips the
-    collective runtime's start-up and its per-step cost."""
-    if num_workers > 1:
-        return tf.distribute.MultiWorkerMirroredStrategy(
-            communication_options=tf.distribute.experimental.CommunicationOptions(bytes_per_pack=PACK_BYTES))
-    if len(tf.config.list_logical_devices("GPU")) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
 def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup: list[Any],
            result: dict[str, Any], stop: StopSignal, failpoint: Failpoint) -> None:
+    """One training process's life, whatever the framework: its runner (runners.py) joins
+    the peers, trains and saves; the feed, the reports and the checkpoint dir's rules
+    are the same for all."""
     from ..protocol import cells
-    from ..protocol.keras_kinds import kind_of
     from .arrow_feed import ArrowFeed
+    from .runners import runner_for
 
     plan = config.plan
     opts = plan.options
-    ps_mode = opts.strategy == "ps"
-    cluster = _join_cluster(config, cleanup) if ps_mode else None
-    import tensorflow as tf
-
-    from . import checkpoints, keras_fit, ps_train
-    from .context import TrainContext
-
-    timeout = opts.start_timeout
-    if ps_mode:
-        ps_train.graph_mode()
-        if config.role == "ps":
-            server = ps_train.start_server(cluster, config.index)
-            # A PS receives each worker's updates from that worker's own server.
-            wait_reachable({f"worker {i}": a for i, a in enumerate(cluster["worker"])}, timeout, _me(config))
-            server.join()
-            return
-        strategy: Any = ps_train.PSStrategy(cluster, config.index)
-        wait_reachable({f"ps {i}": a for i, a in enumerate(cluster["ps"])}, timeout, _me(config))
-    checkpoints.check_shared(plan.checkpoint_dir, plan.checkpoint_marker, _me(config))
+    runner = runner_for(config)
+    if runner.join(config, channel, cleanup):  # a parameter server, served until the job ended
+        return
+    runner.check_checkpoint_dir(plan.checkpoint_dir, plan.checkpoint_marker, me(config))
     cells.run_cell(plan.train_source, plan.job, namespace)
-    if not ps_mode:
-        _watch_peers(config, channel)
-        strategy = allreduce_strategy(tf, config.num_workers)
+    connection = runner.connect(config, channel)
     feed = ArrowFeed(sys.stdin.buffer, plan.feed, config.workdir, shuffle_rows=opts.shuffle,
                      seed=(plan.job, plan.run, config.index), class_weight=_class_weight(namespace, opts),
                      memory_cache_bytes=opts.memory_cache * 2**20)
-    ctx = (ps_train.PSContext if ps_mode else TrainContext)(
-        job=plan.job, strategy=strategy, feed=feed, worker_index=config.index, num_workers=config.num_workers,
-        checkpoint_dir=plan.checkpoint_dir, options=opts, channel=channel, log_dir=plan.log_dir, stop=stop,
-        failpoint=failpoint)
+    ctx = runner.context(connection, job=plan.job, feed=feed, worker_index=config.index,
+                         num_workers=config.num_workers, checkpoint_dir=plan.checkpoint_dir, options=opts,
+                         channel=channel, log_dir=plan.log_dir, stop=stop, failpoint=failpoint)
     cleanup.append(ctx)
     from .gpu_sampler import GpuSampler, default_source
 
-    # `rows` (handed to tf.data so far) lets the notebook see a custom loop progress.
+    # `rows` (handed to training so far) lets the notebook see a custom loop progress.
     cleanup.append(GpuSampler(lambda reading: channel.send(
         make_event("gpu", config.index, rows=feed.rows_delivered, **reading)), default_source()).start())
     # --restart starts the run over once: a later attempt of the same run resumes from the
     # checkpoints this run wrote, as any restart does, unless the attempt before died
     # before its chief cleared the earlier ones (the driver decides: plan.start_over).
-    restart = plan.start_over
     if ctx.is_chief:
-        checkpoints.ensure_writable(ctx.checkpoint_dir)
-        if restart:
-            checkpoints.clear(ctx.checkpoint_dir)
-    runner = ps_train if ps_mode else keras_fit
-    if "build_model" in namespace:
-        model = (ps_train.fit(namespace["build_model"], ctx, restart=restart) if ps_mode else
-                 keras_fit.fit(namespace["build_model"], ctx, restart=restart, make_callbacks=namespace.get("callbacks")))
-    else:
-        model = namespace["train"](ctx)
-        feed.drain()
-    if kind_of(model) is not None and hasattr(model, "save"):  # a Keras model of either Keras
-        runner.save_model(model, ctx, plan.train_source)
+        runner.prepare_checkpoints(ctx.checkpoint_dir, plan.start_over)
+    model = runner.train(namespace, ctx, plan.start_over)
+    if model is not None:
+        runner.save(model, ctx, plan.train_source)
     result["rows"] = feed.rows
+    # Which frameworks this process loaded: each runner loads its own only.
+    result["frameworks"] = [m for m in ("tensorflow", "torch") if m in sys.modules]
 
 
 FIT_OPTIONS = ("class_weight",)
@@ -333,9 +269,14 @@ def _class_weight(namespace: dict[str, Any], opts: Any) -> dict[int, float] | No
 _WARM: dict[str, Any] = {"spare": False, "rss_mib": None}
 
 
-def _import_tensorflow() -> None:
+def _import_framework() -> None:
+    """The job's framework, imported while the process waits for its config (seconds of
+    CPU for TensorFlow): TensorFlow, or PyTorch for a %%torch_train job (FRAMEWORK_ENV)."""
     try:
-        import tensorflow  # noqa: F401
+        if os.environ.get(FRAMEWORK_ENV) == "torch":
+            import torch  # noqa: F401
+        else:
+            import tensorflow  # noqa: F401
     except BaseException:  # noqa: BLE001 - raised again where run() imports it, and reported from there
         pass
 
@@ -357,7 +298,7 @@ def _wait_as_spare(idle_s: float, channel_address: str) -> tuple[str, float]:
         notebook = hold_listener(channel_address, SPARES_JOB, token, timeout=10.0)
     except OSError:
         os._exit(0)  # refused (retired meanwhile) or unreachable: nobody could retire it
-    _import_tensorflow()
+    _import_framework()
     ready, _, _ = select.select([sys.stdin.buffer, notebook], [], [], idle_s)
     # A task's hand-over wins over a retirement that came with it: the task waits for the
     # answer below, and the process is the task's from then on (it ends with the task).
@@ -387,7 +328,7 @@ def main(argv: list[str]) -> int:
     else:
         # Imported before the config exists: the Spark task writes it after its first batch
         # and the cluster agreement, which this import (seconds of CPU) now overlaps.
-        _import_tensorflow()
+        _import_framework()
         config_path, wait_s = argv[1], float(argv[2]) if len(argv) > 2 else 600.0
 
     config = TaskConfig.wait(config_path, timeout=wait_s)
