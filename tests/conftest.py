@@ -108,6 +108,11 @@ def run(ip, source: str):
     return result, (result.error_in_exec or result.error_before_exec)
 
 
+def error_of(ip, source: str):
+    """The exception a cell raised, or None."""
+    return run(ip, source)[1]
+
+
 @pytest.fixture(scope="session")
 def tfos_kernel(tmp_path_factory):
     """The project's own kernel spec (kernels/tfos), found first on JUPYTER_PATH.

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import keras3_cell, run
+from conftest import error_of, keras3_cell, run
 from test_faults import check_recovery
 
 from tfos_magic import JobFailed, TfosError, get_job
@@ -23,10 +23,6 @@ df
 """
 MODEL = keras3_cell(inputs=3, hidden=16, learning_rate=0.01, metrics='["mae"]')
 
-
-def _error(shell, source):
-    _, err = run(shell, source)
-    return err
 
 
 def test_a_keras3_model_trains_on_two_workers_and_loads_back(shell, tmp_path):
@@ -164,7 +160,7 @@ def train(ctx):
 def test_ps_mode_refuses_a_keras3_model_at_once_naming_the_fix(shell):
     run(shell, ETL.format(name="k3ps", rows=400))
     started = time.monotonic()
-    err = _error(shell, "%%tf_train k3ps --strategy ps --ps 1 --workers 1 --label y --max-restarts 2\n" + MODEL)
+    err = error_of(shell, "%%tf_train k3ps --strategy ps --ps 1 --workers 1 --label y --max-restarts 2\n" + MODEL)
     assert isinstance(err, JobFailed), err
     assert "Keras 3" in str(err) and "--strategy allreduce" in str(err) and "tf_keras" in str(err), err
     assert time.monotonic() - started < 60
@@ -174,12 +170,12 @@ def test_ps_mode_refuses_a_keras3_model_at_once_naming_the_fix(shell):
 
 def test_wrong_models_are_named_with_their_keras(shell):
     run(shell, ETL.format(name="k3bad", rows=200))
-    err = _error(shell, "%%tf_train k3bad --label y\ndef build_model():\n    return object()\n")
+    err = error_of(shell, "%%tf_train k3bad --label y\ndef build_model():\n    return object()\n")
     assert isinstance(err, JobFailed) and "builtins.object" in str(err) and "Keras 3 model" in str(err), err
-    err = _error(shell, "%%tf_train k3bad --label y\n" + MODEL.replace(
+    err = error_of(shell, "%%tf_train k3bad --label y\n" + MODEL.replace(
         "    m = keras.Sequential", "    m = keras.layers.Dense(1)\n    return m\n    m = keras.Sequential"))
     assert isinstance(err, JobFailed) and "keras.src.layers.core.dense.Dense (Keras 3." in str(err), err
-    err = _error(shell, "%%tf_train k3bad --label y\n" + MODEL.replace(
+    err = error_of(shell, "%%tf_train k3bad --label y\n" + MODEL.replace(
         "    m.compile", "    cb = 1\n    m.compile") + "\ndef callbacks():\n    import tensorflow as tf\n"
         "    return [tf.keras.callbacks.EarlyStopping()]\n")
     assert isinstance(err, JobFailed) and "keras callbacks for this model (a Keras 3 model)" in str(err), err

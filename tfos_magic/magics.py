@@ -1,4 +1,4 @@
-"""The user surface: `%%spark_etl`, `%%tf_train`, `%tfos_resume`, `%tfos_status`,
+"""The user surface: `%%spark_etl`, `%%tf_train`, `%%torch_train`, `%tfos_resume`, `%tfos_status`,
 `%tfos_stop` and `%tfos_jobs`.
 
 Thin on purpose: parse the line and call the job API (api.py). The `%%tf_train` and
@@ -16,6 +16,7 @@ from IPython.core.magic_arguments import MagicArgumentParser
 
 from . import api
 from .driver.spark_backend import backend_for, schema_text
+from .errors import TfosError
 from .job import Job, JobStore, RunOrigin
 from .job.store import check_name
 from .protocol.options import add_arguments, options_from
@@ -34,6 +35,9 @@ def _parser(prog: str, description: str, train: bool) -> MagicArgumentParser:
 
 
 TRAIN = _parser("%%tf_train", "Train on the job's DataFrame with build_model() (Keras fit) or train(ctx).", True)
+TORCH = _parser("%%torch_train", "Train on the job's DataFrame with PyTorch DistributedDataParallel: build_model() "
+                "returning (model, optimizer, loss_fn), trained by tfos' loop, or train(ctx) with ctx.dataloader().",
+                True)
 RESUME = _parser("%tfos_resume", "Continue a stored job from its latest checkpoint, with its stored cells and "
                  "options (an option given here replaces the stored one, e.g. --epochs 10); the DataFrame is "
                  "rebuilt from the stored %%spark_etl cell unless this kernel holds it.", False)
@@ -84,13 +88,26 @@ class TfosMagics(Magics):
 
     @cell_magic
     def tf_train(self, line: str, cell: str) -> None:
-        args = TRAIN.parse_argstring(line)
+        self._train(TRAIN.parse_argstring(line), cell, "tensorflow")
+
+    tf_train.__doc__ = TRAIN.format_help()
+
+    @cell_magic
+    def torch_train(self, line: str, cell: str) -> None:
+        self._train(TORCH.parse_argstring(line), cell, "torch")
+
+    torch_train.__doc__ = TORCH.format_help()
+
+    def _train(self, args: Any, cell: str, framework: str) -> None:
+        if args.framework not in (None, framework):
+            right = "%%torch_train" if args.framework == "torch" else "%%tf_train"
+            raise TfosError(f"--framework {args.framework} in a {'%%tf_train' if framework == 'tensorflow' else '%%torch_train'} "
+                            f"cell: use a {right} cell for it.")
+        args.framework = framework
         api.train(args.job, cell, options_from(args), namespace=self.shell.user_ns, views=_views(self.shell),
                   background=args.background, rerun_etl=args.rerun_etl, store=self.store,
                   origin=run_origin(self.shell))
         self._say_background(args.job, args.background)
-
-    tf_train.__doc__ = TRAIN.format_help()
 
     @line_magic
     def tfos_resume(self, line: str = "") -> None:

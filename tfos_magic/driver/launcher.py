@@ -78,6 +78,12 @@ def refuse_if_running(store: JobStore, name: str) -> None:
 
 def _check_strategy(opts: TrainOptions, hooks: list[str] = ()) -> int:
     """Tasks the job needs at once. `hooks`: the cell's functions for Keras' fit."""
+    if opts.framework == "torch":
+        keras_only = [f"{h}()" for h in hooks] + [flag for flag, value in (
+            ("--sample-weight", opts.sample_weight), ("--class-weight", opts.class_weight)) if value]
+        if keras_only:
+            raise TfosError(f"{' and '.join(keras_only)} are for Keras' fit, which a %%torch_train job does not run. "
+                            "Weigh the loss in train(ctx), with a loop of your own over ctx.dataloader().")
     if opts.strategy == "allreduce":
         return opts.workers
     if opts.strategy != "ps":
@@ -361,7 +367,7 @@ def _interrupt_raises_only() -> Iterator[None]:
 
 def _acting_sink(channel: DriverChannel, name: str, sink: Callable[[dict[str, Any]], None]):
     """The job's event sink, which also acts at once, from the channel's thread: it passes
-    the chief's stop step on to every TF process (tfprocess/stopping.py), and halts them
+    the chief's stop step on to every TF process (training/stopping.py), and halts them
     all on a task's own error, so that no worker trains on (in ps mode, alone) into steps
     the restart will throw away while the attempt is being torn down."""
 

@@ -103,13 +103,16 @@ class Job:
 
     def load_model(self, compile: bool = True):
         """Load the trained model in the kernel with the Keras that trained it (a Keras 3
-        `keras.Model`, or a legacy tf.keras model), with the train cell's classes and
+        `keras.Model`, or a legacy tf.keras model; a %%torch_train job's torch.nn.Module,
+        in eval mode on the CPU), with the train cell's classes and
         functions: they come from the job's stored cell,
         so this works in a new kernel too, and the notebook's own variables are untouched."""
+        path = self.model_path
+        if self.spec.options.framework == "torch":  # the module, built from the cell, without TensorFlow
+            return load_model(self._saved_model()["path"], self.spec.train_source, self.name)
         with native_stderr_held():
             import tensorflow as tf
 
-        path = self.model_path
         if not tf.io.gfile.exists(path):
             raise TfosError(
                 f"Job {self.name!r} has no saved model at {path} (state: {self.state}). "
@@ -190,6 +193,9 @@ class Job:
         `prediction`; serving it needs neither the train cell nor Keras (job/export.py)."""
         from .export import export_saved_model
 
+        if self.spec.options.framework == "torch":
+            raise TfosError(f"Job {self.name!r} trained a PyTorch module; export writes TensorFlow SavedModels. Take "
+                            "the module from Job.load_model() and export it with torch.export or torch.onnx.")
         feed = self._state.get("feed")
         if not feed:
             raise TfosError(f"Job {self.name!r} has no recorded feed to export a serving signature for; run it "

@@ -58,7 +58,8 @@ def check_train_source(source: str, job: str) -> str:
     raise TfosError(
         f"The %%tf_train cell of job {job!r} defines neither build_model() nor train(ctx). "
         "Define build_model() returning a compiled tf.keras model (the framework runs fit), "
-        "or train(ctx) with your own training loop over ctx.dataset(batch_size)."
+        "or train(ctx) with your own training loop over ctx.dataset(batch_size); in a %%torch_train cell, "
+        "build_model() returns (model, optimizer, loss_fn), and train(ctx) loops over ctx.dataloader()."
     )
 
 

@@ -23,7 +23,7 @@ from ..errors import TfosError
 from .cell_definitions import CellDefinitions
 from .keras_kinds import LEGACY, saved_kind
 from .logs import native_stderr_held
-from .paths import local_path
+from .paths import TORCH_MODEL_FILE, local_path
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,12 @@ def load_model(path: str, source: str | None, job: str, compile: bool = True, tr
     with the Keras that wrote it: Keras 3 for a Keras 3 model, legacy tf.keras for the rest.
 
     `trusted` None checks the file here (`trust_problem`); a Spark task is told the
-    kernel's answer, since it may run as another user. Failures raise ModelNotLoadable."""
+    kernel's answer, since it may run as another user. Failures raise ModelNotLoadable.
+    A PyTorch job's `model.pt` loads as its module (torch_model.py), without TensorFlow."""
+    if path.endswith(TORCH_MODEL_FILE):
+        from . import torch_model
+
+        return torch_model.load(path, source, job)
     if "tensorflow" not in sys.modules:  # a legacy cell's `tf.keras` must be the Keras its model was saved with
         os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     with native_stderr_held():

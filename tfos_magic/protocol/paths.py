@@ -8,6 +8,7 @@ from __future__ import annotations
 
 MODEL_FILE = "model.keras"  # written by the all-reduce path
 H5_MODEL_FILE = "model.h5"  # written by the ps path (graph-mode Keras cannot write .keras)
+TORCH_MODEL_FILE = "model.pt"  # written by the PyTorch runner: the module's state and how to build it
 CHECKPOINT_PREFIX = "ckpt"
 
 

@@ -35,7 +35,7 @@ from ..protocol.feed_spec import FeedError, FeedSpec, array_lengths
 from ..protocol.logs import log_tail
 from ..protocol.net import TF_REUSE_PORT_ENV, ReservedPort
 from ..protocol.paths import local_path, unshared_checkpoint_dir
-from ..protocol.plan import EnvPlan, TaskConfig, TaskPlan
+from ..protocol.plan import FRAMEWORK_ENV, EnvPlan, TaskConfig, TaskPlan
 from ..protocol.versions import mismatch, probe_source
 from . import spares
 
@@ -148,9 +148,22 @@ def run_worker(plan: TaskPlan, batches: Iterator[pa.RecordBatch]) -> pa.RecordBa
         first, rest = _peek(batches)
         addrs, lengths = _agree_cluster(task, f"{host}:{port.port}", first, plan.feed)
         env = {}
-        if plan.strategy == "allreduce":
+        if plan.options.framework == "torch":
+            env = torch_env(addrs, index)
+        elif plan.strategy == "allreduce":
             env["TF_CONFIG"] = json.dumps({"cluster": {"worker": addrs}, "task": {"type": "worker", "index": index}})
         return child.run(plan.with_array_lengths(lengths), len(addrs), env, first, rest)
+
+
+def torch_env(addresses: list[str], index: int) -> dict[str, str]:
+    """torch.distributed's environment for worker `index`: rank 0's agreed address is the
+    rendezvous (its process listens on the port its task reserved: training/torch_runner.py),
+    and LOCAL_RANK counts the tasks before it on the same host."""
+    hosts = [a.rsplit(":", 1)[0] for a in addresses]
+    master, port = addresses[0].rsplit(":", 1)
+    return {"MASTER_ADDR": master, "MASTER_PORT": port, "RANK": str(index), "WORLD_SIZE": str(len(addresses)),
+            "LOCAL_RANK": str(hosts[:index].count(hosts[index])),
+            "LOCAL_WORLD_SIZE": str(hosts.count(hosts[index]))}
 
 
 def run_ps(plan: TaskPlan) -> pa.RecordBatch:
@@ -266,7 +279,8 @@ class TFProcess:
         self.config = TaskConfig(plan, role, index, plan.options.workers, host, self.workdir)
         task_env = {**self.config.secret_env(), **env}
         self.gpus = "CUDA_VISIBLE_DEVICES" in env
-        spare = spares.take(plan, python, gpus=self.gpus)
+        self.framework = plan.options.framework
+        spare = spares.take(plan, python, gpus=self.gpus) if self.framework == "tensorflow" else None
         # TensorFlow already imported: the spare gets what a fresh process would.
         self.warm = spare is not None and spares.hand_over(
             spare, self.config.config_path, plan.options.start_timeout, self.config.log_path, task_env)
@@ -276,7 +290,8 @@ class TFProcess:
         with open(self.config.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [python, "-m", CHILD_MODULE, self.config.config_path, str(plan.options.start_timeout)],
-                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=dict(tf_env(), **task_env),
+                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                env=dict(tf_env(), **task_env, **{FRAMEWORK_ENV: self.framework}),
                 preexec_fn=_die_with_parent)
 
     def __enter__(self) -> "TFProcess":
@@ -289,7 +304,8 @@ class TFProcess:
         if not os.environ.get("TFOS_KEEP_WORKDIR"):
             shutil.rmtree(self.workdir, ignore_errors=True)
         # Succeeded: a warm start for the next task here (not for GPU tasks: see spares.py).
-        if exc[0] is None and self.process.returncode == 0 and not self.gpus:
+        # Spares hold TensorFlow: a PyTorch task leaves none.
+        if exc[0] is None and self.process.returncode == 0 and not self.gpus and self.framework == "tensorflow":
             spares.start(self.plan, self.python, tf_env(), _die_with_parent)
 
     def run(self, plan: TaskPlan, num_workers: int, env: dict[str, str], first: pa.RecordBatch | None,
@@ -336,13 +352,19 @@ def _result(config: TaskConfig, code: int) -> pa.RecordBatch:
             result = json.load(f)
     except (OSError, json.JSONDecodeError):
         # A process that died without a word (a crash, the OOM killer) may succeed on a restart.
-        raise WorkerCrashed(f"TF {role} {index} {exit_description(code)} before reporting a result",
+        raise WorkerCrashed(f"{_name(config)} {role} {index} {exit_description(code)} before reporting a result",
                             details=f"Last lines of its log:\n{log_tail(config.log_path)}") from None
     # "stopped": the notebook asked for it (and is cancelling the job). The task ends
     # normally: failing it would print Spark's task-failure stack trace into the cell.
     if result["status"] not in ("ok", "stopped"):
-        raise WorkerFailed(f"TF {role} {index} failed: {result['error']}", reported=bool(result.get("sent", True)))
+        raise WorkerFailed(f"{_name(config)} {role} {index} failed: {result['error']}",
+                           reported=bool(result.get("sent", True)))
     return pa.RecordBatch.from_pydict({"worker": [index], "result": [json.dumps(result)]}, schema=RESULT_SCHEMA)
+
+
+def _name(config: TaskConfig) -> str:
+    """'TF' or 'PyTorch', for messages about this task's process."""
+    return getattr(config.plan, "process_name", "TF")
 
 
 def make_task(plan: TaskPlan) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:

@@ -41,6 +41,15 @@ def _model(ref: ModelRef) -> Any:
         return _MODELS[ref.path][1]
 
 
+def _predict(model: Any, x: Any) -> Any:
+    """A Keras model's predict_on_batch, or a PyTorch module called without gradients."""
+    if hasattr(model, "predict_on_batch"):
+        return model.predict_on_batch(x)
+    from ..protocol.torch_model import predict_on_batch
+
+    return predict_on_batch(model, x)
+
+
 def predict_fn(ref: ModelRef, spec: dict[str, Any], keep: list[str], output_col: str,
                outputs: int) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """The function for `mapInArrow`: each batch keeps the columns `keep` and gains
@@ -55,7 +64,7 @@ def predict_fn(ref: ModelRef, spec: dict[str, Any], keep: list[str], output_col:
                 continue
             inputs = pa.RecordBatch.from_arrays(
                 [batch.column(INPUT_PREFIX + c.name) for c in feed.features], names=[c.name for c in feed.features])
-            pred = np.asarray(model.predict_on_batch(arrays.features(inputs)), dtype=np.float32)
+            pred = np.asarray(_predict(model, arrays.features(inputs)), dtype=np.float32)
             pred = pred.reshape(batch.num_rows, -1)
             if pred.shape[1] != outputs:
                 raise ValueError(f"The model gave {pred.shape[1]} values per row where {outputs} were expected.")
