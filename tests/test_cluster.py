@@ -129,6 +129,51 @@ def test_a_keras3_job_on_a_standalone_cluster(cluster_kernel):
     assert is_keras3 == "True" and rows == "300" and float(worst) < 1e-3, out
 
 
+TORCH_MODEL = """
+import torch
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.body(x).squeeze(-1)
+
+def build_model():
+    torch.manual_seed(0)
+    model = Net()
+    return model, torch.optim.Adam(model.parameters(), lr=0.01), torch.nn.MSELoss()
+"""
+
+
+def test_a_torch_job_on_a_standalone_cluster(cluster_kernel):
+    """%%torch_train on the cluster's executors: DDP over the executors' addresses, a GPU
+    address per worker from Spark (fake ones: the processes train on the CPU), validation,
+    and the executors' predictions equal to the module the kernel builds again."""
+    kernel, home = cluster_kernel
+    reply, out = kernel.run(ETL_VAL.format(name="pt_sa").replace("\n                          + 0.5 * F.randn(seed=seed + 9)", ""))
+    assert reply["status"] == "ok", out
+    reply, out = kernel.run("%%torch_train pt_sa --workers 2 --epochs 3 --batch-size 128 --label y --validation-df val "
+                            "--gpus-per-worker 1 --restart\n" + TORCH_MODEL)
+    assert reply["status"] == "ok", out
+    job = get_job("pt_sa", home)
+    assert job.state == "succeeded" and _loss_drop(job) < 0.2, job.history
+    assert all("val_loss" in row for row in job.history), job.history
+    gpus = [e.get("gpus") for e in job.events if e["kind"] == "started"]
+    assert len(gpus) == 2 and all(g in {"0", "1", "2", "3"} for g in gpus) and gpus[0] != gpus[1], gpus
+    assert [e.get("frameworks") for e in job.events if e["kind"] == "finished"] == [["torch"], ["torch"]]
+    reply, out = kernel.run("import torch, numpy as np\nfrom tfos_magic import get_job\n_j = get_job('pt_sa')\n"
+                            "_m = _j.load_model()\n_p = _j.predict(val.limit(300)).toPandas()\n"
+                            "with torch.no_grad():\n"
+                            "    _mine = _m(torch.from_numpy(_p[['x0', 'x1', 'x2', 'x3']].to_numpy('float32'))).numpy()\n"
+                            "print('TORCH', isinstance(_m, torch.nn.Module), len(_p), "
+                            "float(np.abs(_p['prediction'].to_numpy() - _mine).max()))")
+    assert reply["status"] == "ok", out
+    is_torch, rows, worst = out.split("TORCH ")[1].split()[:3]
+    assert is_torch == "True" and rows == "300" and float(worst) < 1e-4, out
+
+
 def test_slots_are_counted_with_the_gpus_each_worker_asks_for(cluster_kernel):
     """2 executors x 2 GPUs: 4 task slots by cores, but only 2 for tasks of 2 GPUs each.
     Counted for the default profile, the job would pass the check and then wait in

@@ -58,3 +58,12 @@ def test_movielens_on_a_parameter_server(example_env, tmp_path):
 def test_stop_then_resume(example_env, tmp_path):
     text = _run("resume", example_env, tmp_path)
     assert "stopped at step" in text and "succeeded resumed from step" in text, text[-3000:]
+
+
+def test_movielens_in_pytorch(example_env, tmp_path):
+    """The same factorization machine in PyTorch (%%torch_train): it beats the global mean
+    on held-out ratings, and job.predict equals the module load_model() builds again."""
+    text = _run("movielens_torch", example_env, tmp_path, "epochs=4")
+    fm, mean = _rmse(text)
+    assert fm < 0.85 * mean, (fm, mean)
+    assert "200 predictions match (FactorizationMachine)" in text, text[-3000:]

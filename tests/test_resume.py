@@ -131,3 +131,30 @@ def test_a_keras3_job_resumes_in_a_new_kernel(tmp_path, monkeypatch, tfos_kernel
         assert job.history[-1]["loss"] < 0.3 * job.history[0]["loss"], job.history
     finally:
         _close(km, kc)
+
+
+@pytest.mark.e2e
+def test_a_torch_job_resumes_in_a_new_kernel(tmp_path, monkeypatch, tfos_kernel):
+    """The same kill and `%tfos_resume` for a %%torch_train job: the chief's torch.save
+    checkpoint restores the module and its optimizer, and the run goes on from its step."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("TFOS_HOME", str(home))
+    monkeypatch.setenv("TFOS_SPARK_MASTER", "local[2]")
+    train = TRAIN.replace("%%tf_train rs", "%%torch_train rst").split("\n")[0] + "\n" + """
+import torch
+
+def build_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1), torch.nn.Flatten(0))
+    return model, torch.optim.Adam(model.parameters(), lr=0.003), torch.nn.MSELoss()
+"""
+    km, kc, job, saved = _kill_then_resume(tfos_kernel, home, "rst", train)
+    try:
+        assert any(e["kind"] == "training" and e.get("run") == 2 and (e.get("restored_from") or "").endswith(
+            f"ckpt-{e['initial_step']}.pt") for e in job.events), "not restored from a torch checkpoint"
+        reply, out = kernel_run(kc, "import torch\nfrom tfos_magic import get_job\n"
+                                    "print('TORCH', isinstance(get_job('rst').load_model(), torch.nn.Module))")
+        assert reply["status"] == "ok" and "TORCH True" in out, out
+        assert job.history[-1]["loss"] < 0.2 * job.history[0]["loss"], job.history
+    finally:
+        _close(km, kc)

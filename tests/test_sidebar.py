@@ -18,10 +18,11 @@ from test_browser import _dismiss_news, chromium_page, lab  # noqa: F401 - `lab`
 
 from tfos_magic import get_job
 
-LIVE = ("%%tf_train live --workers 1 --epochs 200 --batch-size 64 --label y --checkpoint-every-steps 100 "
-        "--background\nimport tensorflow as tf\n\ndef build_model():\n"
-        "    m = tf.keras.Sequential([tf.keras.Input((1,)), tf.keras.layers.Dense(1)])\n"
-        "    m.compile(optimizer='adam', loss='mse')\n    return m\n")
+# A PyTorch job: the sidebar shows it, and stops it, as it does a TensorFlow one.
+LIVE = ("%%torch_train live --workers 1 --epochs 200 --batch-size 64 --label y --checkpoint-every-steps 100 "
+        "--background\nimport torch\n\ndef build_model():\n"
+        "    m = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Flatten(0))\n"
+        "    return m, torch.optim.Adam(m.parameters()), torch.nn.MSELoss()\n")
 
 
 @pytest.fixture
