@@ -10,7 +10,7 @@ import torch
 
 from tfos_magic.errors import TfosError
 from tfos_magic.protocol.feed_spec import ColumnSpec, FeedSpec
-from tfos_magic.protocol.torch_model import FORMAT, TorchModelNotLoadable, load
+from tfos_magic.protocol.torch_model import FORMAT, TorchModelNotLoadable, load, triton_kept_out
 from tfos_magic.training.torch_checkpoints import TorchCheckpointer, local_dir
 from tfos_magic.training.torch_feed import as_tensors, rebatch, zero_batch
 
@@ -45,7 +45,8 @@ def test_zero_batch_has_the_feed_shapes():
 
 def test_checkpoints_restore_the_newest_complete_one(tmp_path, capsys):
     model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.Adam(model.parameters())
+    with triton_kept_out():  # this process may have loaded TensorFlow (the feed's tests)
+        optimizer = torch.optim.Adam(model.parameters())
     saved = []
     ckpt = TorchCheckpointer(str(tmp_path), True, notify=lambda *a: saved.append(a), max_to_keep=2,
                              model=model, optimizer=optimizer)
@@ -99,3 +100,20 @@ def test_the_saved_model_is_built_from_the_cell_and_refused_when_it_changed(tmp_
     (tmp_path / "other.pt").write_bytes(b"not a model")
     with pytest.raises(TorchModelNotLoadable, match="cannot be read"):
         load(str(tmp_path / "other.pt"), CELL.format(hidden=4), "j")
+
+
+@pytest.mark.e2e  # it imports TensorFlow, which the fast tier keeps out of the processes it starts
+def test_a_torch_optimizer_is_built_beside_tensorflow(tmp_path):
+    """Building a saved module, optimizer and all, in a process that loaded TensorFlow
+    first (importing Triton there is a segmentation fault)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "model.pt"
+    torch.save({"format": FORMAT, "builder": "build_model", "class": "__tfos_train__.Net",
+                "state_dict": {f"layer.{k}": v for k, v in torch.nn.Linear(3, 4).state_dict().items()}}, str(path))
+    code = ("import tensorflow\nfrom tfos_magic.protocol.torch_model import load\n"
+            f"print(type(load({str(path)!r}, {CELL.format(hidden=4)!r}, 'j')).__name__)")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}  # TensorFlow importable
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0 and done.stdout.strip().endswith("Net"), (done.returncode, done.stderr[-2000:])

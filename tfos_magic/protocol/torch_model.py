@@ -10,7 +10,9 @@ stored source (cell_definitions.py), so no pickled code is ever loaded
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import sys
+from typing import Any, Iterator
 
 from ..errors import TfosError
 from .cell_definitions import CellDefinitions
@@ -20,6 +22,25 @@ FORMAT = "tfos-torch-1"
 
 class TorchModelNotLoadable(TfosError):
     """A saved PyTorch model that cannot be built again or take its saved weights."""
+
+
+@contextlib.contextmanager
+def triton_kept_out() -> Iterator[None]:
+    """Building a module may build its optimizer too (build_model() returns both), and a
+    torch optimizer's first use imports torch._dynamo, which imports Triton when it is
+    installed. Triton's LLVM and TensorFlow's clash: in a process that loaded TensorFlow
+    (a kernel that ran a TF job, a Spark worker that served a Keras model) that import is
+    a segmentation fault. There Triton reads as not installed, which it cannot be used
+    beside TensorFlow anyway; torch remembers the answer for the process's life."""
+    if "tensorflow" not in sys.modules or "triton" in sys.modules:
+        yield
+        return
+    sys.modules["triton"] = None  # type: ignore[assignment] - `import triton` raises ImportError
+    try:
+        yield
+    finally:
+        if sys.modules.get("triton", 0) is None:
+            del sys.modules["triton"]
 
 
 def module_of(built: Any) -> Any:
@@ -50,7 +71,7 @@ def load(path: str, source: str | None, job: str, builder: str | None = None) ->
         raise TorchModelNotLoadable(f"The model at {path} needs the job's train cell to be built again, and the job "
                                     "has none stored.")
     definitions = CellDefinitions(source, job)
-    with definitions.installed():
+    with definitions.installed(), triton_kept_out():
         module = _build(definitions, saved, path)
         try:
             module.load_state_dict(saved["state_dict"])
