@@ -169,3 +169,13 @@ def test_the_start_up_line_says_whether_the_tf_processes_started_warm():
         warm.feed(_ev("started", w, role="worker", warm=True))
     warm.feed(_ev("step", 0, step=1, metrics={"loss": 1.0}))
     assert warm.phase == "training (warm start)"
+
+
+def test_a_pytorch_job_is_named_as_such_while_it_starts():
+    model = DashboardModel(job="j", workers=2)
+    model.feed(_ev("task", 0, role="worker", framework="torch"))
+    assert model.phase == "Spark tasks of the training stage running; PyTorch processes starting"
+    model.feed(_ev("started", 0, role="worker", framework="torch"))
+    assert model.phase == "PyTorch processes starting: 1 of 2 (cold start: each process loads PyTorch)"
+    model.feed(_ev("started", 1, role="worker", framework="torch"))
+    assert model.phase.startswith("PyTorch cluster joining")

@@ -186,7 +186,8 @@ def _announce(plan: TaskPlan, role: str, index: int, stage: int, host: str) -> N
                             connect_within=plan.options.start_timeout)
     if not channel.connected:
         raise WorkerFailed(f"{role} {index} on {host}: {channel.error}. {REACH_HINT}")
-    channel.send(make_event("task", index, role=role, stage=stage, host=host, hostname=socket.gethostname()))
+    channel.send(make_event("task", index, role=role, stage=stage, host=host, hostname=socket.gethostname(),
+                            framework=plan.options.framework))
     channel.close()
 
 

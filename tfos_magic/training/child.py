@@ -171,7 +171,7 @@ def run(config: TaskConfig) -> dict[str, Any]:
     # `warm`: this process was a spare, TensorFlow loaded before the job began (task/spares.py).
     channel.send(make_event("started", index, role=role, pid=os.getpid(),
                             gpus=os.environ.get("CUDA_VISIBLE_DEVICES"), python=sys.executable,
-                            warm=_WARM["spare"], rss_mib=_WARM["rss_mib"]))
+                            warm=_WARM["spare"], rss_mib=_WARM["rss_mib"], framework=plan.options.framework))
     failpoint = Failpoint(plan.failpoint, index, plan.attempt, role)
     failpoint.hit("startup")
     sys.stdout = _PrintsToNotebook(sys.stdout, channel, index, role)

@@ -82,6 +82,7 @@ class DashboardModel:
     rows_per_s: float | None = None
     started_tasks: set[tuple[str, int]] = field(default_factory=set)
     warm_tasks: set[tuple[str, int]] = field(default_factory=set)  # TF processes that were spares (warm starts)
+    framework: str = "TF"  # what the training processes run: "TF", or "PyTorch" (from the tasks' events)
     spark_tasks: tuple[int, int] | None = None  # (done, total) of the Spark stage computing the data
     loss: dict[int, Series] = field(default_factory=dict)  # worker -> (step, loss)
     val_loss: Series = field(default_factory=Series)  # (step, val_loss) at each epoch end
@@ -114,10 +115,15 @@ class DashboardModel:
             done, total = self.spark_tasks
             self.phase = f"Spark is computing the DataFrame: {done} of {total} tasks done"
 
+    def _learn_framework(self, e: dict[str, Any]) -> None:
+        if e.get("framework"):
+            self.framework = "PyTorch" if e["framework"] == "torch" else "TF"
+
     def _on_task(self, e: dict[str, Any]) -> None:
-        """A Spark task of the TF stage began: the data is computed, the TF processes come next."""
+        """A Spark task of the training stage began: the data is computed, the training processes come next."""
+        self._learn_framework(e)
         if self.first_step_at is None and len(self.started_tasks) == 0:
-            self.phase = "Spark tasks of the TF stage running; TF processes starting"
+            self.phase = f"Spark tasks of the training stage running; {self.framework} processes starting"
 
     def _on_attempt(self, e: dict[str, Any]) -> None:
         self.attempt = int(e.get("attempt", self.attempt))
@@ -126,14 +132,16 @@ class DashboardModel:
 
     def _on_started(self, e: dict[str, Any]) -> None:
         self.state = "running"
+        self._learn_framework(e)
         task = (e.get("role", "worker"), int(e.get("worker", 0)))
         self.started_tasks.add(task)
         if e.get("warm"):
             self.warm_tasks.add(task)
         want = self.workers + self.ps
         if self.first_step_at is None:
-            self.phase = (f"TF processes starting: {len(self.started_tasks)} of {want}" if len(self.started_tasks) < want
-                          else "TF cluster joining, first step building") + self._start_note()
+            self.phase = (f"{self.framework} processes starting: {len(self.started_tasks)} of {want}"
+                          if len(self.started_tasks) < want
+                          else f"{self.framework} cluster joining, first step building") + self._start_note()
 
     def _start_note(self, training: bool = False) -> str:
         """Whether the TF processes started warm (spares with TensorFlow loaded) or cold;
@@ -142,8 +150,12 @@ class DashboardModel:
             return ""
         warm, started = len(self.warm_tasks & self.started_tasks), len(self.started_tasks)
         if not warm:
-            return "" if training else " (cold start: each process loads TensorFlow)"
+            return "" if training else f" (cold start: each process loads {self._library})"
         return " (warm start)" if warm == started else f" (warm start: {warm} of {started} processes)"
+
+    @property
+    def _library(self) -> str:
+        return "PyTorch" if self.framework == "PyTorch" else "TensorFlow"
 
     def _on_training(self, e: dict[str, Any]) -> None:
         if int(e.get("worker", 0)) == 0:
