@@ -117,3 +117,13 @@ def test_a_torch_optimizer_is_built_beside_tensorflow(tmp_path):
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}  # TensorFlow importable
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0 and done.stdout.strip().endswith("Net"), (done.returncode, done.stderr[-2000:])
+
+
+def test_the_runner_trains_one_rank_without_spark():
+    """torch_gpu_check (the GPU check for a machine without Spark) on this machine's CPU:
+    the runner's process group, loop, checkpoints and saved module as child.py drives them."""
+    from tfos_magic.training.torch_gpu_check import run
+
+    found = run(rows=8000, epochs=2)
+    assert found["ok"] and found["backend"] == "gloo" and found["device"] == "cpu", found
+    assert found["checkpoints"] == [32, 50, 64], found  # 8,000 rows in 256s: each epoch's end, and step 50
