@@ -355,6 +355,27 @@ def build_model():
 """
 
 
+def torch_cell(inputs: int, hidden: int, learning_rate: float) -> str:
+    """The same small MLP regressor for a %%torch_train cell: a module `Net` (its output
+    shaped as the label) with Adam and the mean squared error."""
+    return f"""
+import torch
+
+class Net(torch.nn.Module):
+    def __init__(self, inputs={inputs}, hidden={hidden}):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(inputs, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+
+    def forward(self, x):
+        return self.body(x).squeeze(-1)
+
+def build_model():
+    torch.manual_seed(0)
+    model = Net()
+    return model, torch.optim.Adam(model.parameters(), lr={learning_rate}), torch.nn.MSELoss()
+"""
+
+
 def tf_processes_gone(pattern: str, timeout: float = 30.0) -> bool:
     """Whether every matching TF process has exited within `timeout`: a cancelled Spark task's
     process dies a moment after the cell returns, never instantly."""

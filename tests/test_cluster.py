@@ -13,7 +13,7 @@ import os
 import time
 
 import pytest
-from conftest import keras3_cell, regression_cell, tf_processes_gone
+from conftest import keras3_cell, regression_cell, tf_processes_gone, torch_cell
 from test_faults import _final_step, check_recovery, failpoint
 from jupyter_client.manager import start_new_kernel
 
@@ -129,22 +129,7 @@ def test_a_keras3_job_on_a_standalone_cluster(cluster_kernel):
     assert is_keras3 == "True" and rows == "300" and float(worst) < 1e-3, out
 
 
-TORCH_MODEL = """
-import torch
-
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
-
-    def forward(self, x):
-        return self.body(x).squeeze(-1)
-
-def build_model():
-    torch.manual_seed(0)
-    model = Net()
-    return model, torch.optim.Adam(model.parameters(), lr=0.01), torch.nn.MSELoss()
-"""
+TORCH_MODEL = torch_cell(inputs=4, hidden=16, learning_rate=0.01)
 
 
 def test_a_torch_job_on_a_standalone_cluster(cluster_kernel):

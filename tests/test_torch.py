@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import error_of, run
+from conftest import error_of, run, torch_cell
 from test_faults import check_recovery
 
 from tfos_magic import JobFailed, TfosError, get_job
@@ -22,23 +22,7 @@ val = spark.range(600).select(F.rand(4).alias("a"), F.rand(5).alias("b"), F.rand
     "y", 3 * F.col("a") - 2 * F.col("b") + F.col("c"))
 df
 """
-MODEL = """
-import sys
-import torch
-
-class Net(torch.nn.Module):
-    def __init__(self, inputs=3, hidden=16):
-        super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Linear(inputs, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
-
-    def forward(self, x):
-        return self.body(x).squeeze(-1)
-
-def build_model():
-    torch.manual_seed(0)
-    model = Net()
-    return model, torch.optim.Adam(model.parameters(), lr=0.01), torch.nn.MSELoss()
-"""
+MODEL = torch_cell(inputs=3, hidden=16, learning_rate=0.01)
 
 
 def _finished(job) -> list[dict]:
