@@ -35,8 +35,12 @@ pytestmark = pytest.mark.e2e
 MODEL = regression_cell(inputs=4, hidden=16, learning_rate=0.003)
 SITE = glob.glob(os.path.join(sys.prefix, "lib", "python*", "site-packages"))[0]
 # What the TF processes never use: left out of the archive to keep the test's copy small.
+# PyTorch and its CUDA libraries (5 GB) too: the TF jobs here then also show that the TF
+# path never imports torch.
 EXCLUDES = ["lib/python3.*/site-packages/pyspark/*", "lib/python3.*/site-packages/playwright/*",
-            "lib/python3.*/site-packages/tensorflow/include/*", "lib/python3.*/site-packages/jupyterlab*"]
+            "lib/python3.*/site-packages/tensorflow/include/*", "lib/python3.*/site-packages/jupyterlab*",
+            "lib/python3.*/site-packages/torch/*", "lib/python3.*/site-packages/nvidia/*",
+            "lib/python3.*/site-packages/triton/*", "lib/python3.*/site-packages/cuda/*"]
 
 
 

@@ -10,7 +10,7 @@ import os
 import time
 
 import pytest
-from conftest import kernel_run, regression_cell
+from conftest import kernel_run, regression_cell, torch_cell
 from jupyter_client.manager import start_new_kernel
 from test_faults import _final_step, check_recovery
 
@@ -293,6 +293,33 @@ def test_a_worker_killed_on_the_second_host_resumes_every_worker_from_the_shared
     assert len({e["initial_step"] for e in resumed}) == 1 and resumed[0]["initial_step"] >= saved[0]["step"], resumed
     assert len({e["restored_from"] for e in resumed}) == 1 and resumed[0]["restored_from"].startswith(str(root))
     assert unfaulted.state == "succeeded"
+
+
+def test_a_torch_job_on_two_hosts_joins_over_the_executors_addresses(cluster_kernel):
+    """%%torch_train with a worker on each host: rank 0's rendezvous is its executor's
+    address, and Gloo connects over the interface that holds it, although each host's own
+    name resolves to 127.0.1.1; the kernel builds the module again from the shared dir."""
+    kernel = cluster_kernel
+    kernel.run(ETL.format(name="mh_torch"))
+    shared = kernel.cluster.shared / "checkpoints" / "mh_torch"
+    kernel.run(f"%%torch_train mh_torch --workers 2 --epochs 3 --batch-size 64 --label y --validation-df val "
+               f"--restart --checkpoint-dir {shared}\n" + torch_cell(inputs=4, hidden=16, learning_rate=0.01))
+    job = get_job("mh_torch", kernel.home)
+    assert job.state == "succeeded", (job.error, _story(job))
+    assert sorted(_tasks(job).values()) == ["tfos-h1", "tfos-h2"], _tasks(job)
+    history = job.history
+    assert len(history) == 3 and history[-1]["loss"] < 0.3 * history[0]["loss"], history
+    got = kernel.result("""
+import torch
+import tfos_magic
+job = tfos_magic.get_job("mh_torch")
+module = job.load_model()
+scored = job.predict(val).toPandas()
+with torch.no_grad():
+    mine = module(torch.from_numpy(scored[["x0", "x1", "x2", "x3"]].to_numpy("float32"))).numpy()
+_r = {"rows": len(scored), "gap": float(abs(scored["prediction"] - mine).max()),
+      "rmse": float(((scored["prediction"] - scored["y"]) ** 2).mean() ** 0.5)}""")
+    assert got["rows"] == 1500 and got["gap"] < 1e-4 and got["rmse"] < 0.4, got
 
 
 def test_a_ps_job_trains_with_its_parameter_server_and_a_worker_on_different_hosts(cluster_kernel):
