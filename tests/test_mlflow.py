@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import keras3_cell, regression_cell, run
+from conftest import keras3_cell, regression_cell, run, torch_cell
 
 from tfos_magic import get_job
 
@@ -156,3 +156,26 @@ def test_mlflow_off_logs_nothing(shell, tracking, tmp_path):
                         + regression_cell(inputs=4, hidden=8, learning_rate=0.01))
     assert err is None, err
     assert "mlflow_run_id" not in get_job("mlfoff")._state
+
+
+def test_a_torch_job_logs_its_module(shell, tmp_path, tracking):
+    """A %%torch_train job's params and metrics, and its module through mlflow.pytorch:
+    a fresh process loads it with mlflow.pyfunc, without the cell, and it predicts as
+    Job.load_model()'s module does."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking(uri)
+    run(shell, ETL.format(name="mlft"))
+    _, err = run(shell, "%%torch_train mlft --workers 2 --epochs 2 --batch-size 50 --label y --validation-df val\n"
+                        + torch_cell(inputs=4, hidden=16, learning_rate=0.01))
+    assert err is None, err
+    job = get_job("mlft")
+    assert job.state == "succeeded", job.error
+    seen = read_back(uri, job._state["mlflow_run_id"])
+    assert seen["status"] == "FINISHED" and seen["params"]["framework"] == "torch"
+    assert [s for s, _ in seen["history"]["loss"]] == [1, 2] and len(seen["history"]["val_loss"]) == 2
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        want = job.load_model()(torch.full((3, 4), 0.5)).numpy()
+    assert np.allclose(np.ravel(seen["predicted"]), want, atol=1e-5), (seen["predicted"], want)

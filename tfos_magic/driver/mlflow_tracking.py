@@ -131,15 +131,36 @@ class MlflowTracker(JobObserver):
         from ..job.job import Job
 
         job = Job(self.job, self.store)
+        mlflow = self._mlflow
+        if job.spec.options.framework == "torch":
+            self._log_torch_model(job)
+            return
         model = job.load_model(compile=False)
         example = job.input_example()
         from ..protocol.keras_kinds import KERAS3, kind_of
 
-        mlflow = self._mlflow
         signature = mlflow.models.infer_signature(example, _predict(model, example))
         flavor = mlflow.keras if kind_of(model) == KERAS3 else mlflow.tensorflow
         with _keeping_tf_keras():
             flavor.log_model(model, name="model", signature=signature)  # into the active run: this job's
+
+
+    def _log_torch_model(self, job: Any) -> None:
+        """A PyTorch job's module through mlflow.pytorch. The module is built from the stored
+        cell outside the cell's module (`__tfos_train__` is gone from sys.modules again), so
+        MLflow's cloudpickle keeps its class by value: the logged model loads wherever
+        PyTorch is, without the cell."""
+        from ..protocol.torch_model import predict_on_batch, triton_kept_out
+
+        mlflow = self._mlflow
+        module = job.load_model()
+        example = job.input_example()
+        with triton_kept_out():
+            import mlflow.pytorch
+
+            signature = mlflow.models.infer_signature(example, predict_on_batch(module, example))
+            # "pickle": MLflow's traced format ("pt2") takes no dict of inputs (--inputs dict).
+            mlflow.pytorch.log_model(module, name="model", signature=signature, serialization_format="pickle")
 
 
 @contextlib.contextmanager
