@@ -33,6 +33,8 @@ def test_a_keras3_model_trains_on_two_workers_and_loads_back(shell, tmp_path):
     assert err is None, err
     job = get_job("k3")
     assert job.state == "succeeded"
+    # Each TF process loaded TensorFlow and never PyTorch (installed here too).
+    assert [e.get("frameworks") for e in job.events if e["kind"] == "finished"] == [["tensorflow"]] * 2
     history = job.history
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert all("val_loss" in h and "val_mae" in h and "mae" in h for h in history), history

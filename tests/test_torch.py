@@ -29,6 +29,7 @@ def _finished(job) -> list[dict]:
     return [e for e in job.events if e["kind"] == "finished" and e.get("role", "worker") == "worker"]
 
 
+@pytest.mark.spark35
 def test_a_torch_regression_trains_on_two_workers_and_loads_back(shell):
     _, err = run(shell, ETL.format(name="tr", rows=4000))
     assert err is None, err
