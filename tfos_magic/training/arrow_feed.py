@@ -31,16 +31,22 @@ from .shuffle import SPILL_BLOCK_ROWS, rng_for, shuffled
 MEMORY_CHUNK_ROWS = 65536
 
 
-def _leaves(element: Any) -> list[np.ndarray]:
-    """The arrays of one element: x (an array or a dict of them), y, weight."""
-    parts = element if isinstance(element, tuple) else (element,)
+def leaves(element: Any) -> list[Any]:
+    """The arrays of one element: x (an array or a dict of them), y, weight (a tuple, or
+    the list a torch DataLoader makes of it)."""
+    parts = element if isinstance(element, (tuple, list)) else (element,)
     return [a for p in parts for a in (p.values() if isinstance(p, dict) else (p,))]
 
 
-def _map(element: Any, fn: Any) -> Any:
+def rows_of(element: Any) -> int:
+    """Rows in one element (every array has them)."""
+    return len(leaves(element)[0])
+
+
+def map_arrays(element: Any, fn: Any) -> Any:
     """`fn` on every array of an element, keeping its structure."""
-    if isinstance(element, tuple):
-        return tuple(_map(p, fn) for p in element)
+    if isinstance(element, (tuple, list)):
+        return tuple(map_arrays(p, fn) for p in element)
     if isinstance(element, dict):
         return {k: fn(v) for k, v in element.items()}
     return fn(element)
@@ -238,16 +244,16 @@ class ArrowFeed:
         if not self._done or not self.from_memory():
             return None
         if self._tensors is None:
-            self._tensors = _map(self._cache, tf.constant)
-            self._cache = _map(self._tensors, lambda t: t.numpy())  # the same memory, for dataset()
-        rows = len(_leaves(self._cache)[0])
+            self._tensors = map_arrays(self._cache, tf.constant)
+            self._cache = map_arrays(self._tensors, lambda t: t.numpy())  # the same memory, for dataset()
+        rows = rows_of(self._cache)
         rng = self._pass_order("train")
         skip, self._skip_rows = min(self._skip_rows, rows), 0
         if rng is None:
-            part = _map(self._tensors, lambda t: t[skip:])
+            part = map_arrays(self._tensors, lambda t: t[skip:])
         else:
             take = rng.permutation(rows)[skip:]
-            part = _map(self._tensors, lambda t: tf.gather(t, take))
+            part = map_arrays(self._tensors, lambda t: tf.gather(t, take))
         done, trained = self._memory_pass
         self._handed += min(done, trained)
         self._memory_pass = (rows - skip, 0)
@@ -258,15 +264,14 @@ class ArrowFeed:
         """The cached rows as numpy chunks: every row in `rng`'s order (a full shuffle, not a
         window), else in the spill's order. Chunks, not one element: tf.data's rebatch starts
         on the first while the next is gathered."""
-        leaves = _leaves(self._cache)
-        rows = len(leaves[0])
+        rows = rows_of(self._cache)
         order = None if rng is None else rng.permutation(rows)
         for at in range(0, rows, MEMORY_CHUNK_ROWS):
             if order is None:  # a copy: TF may write into memory it is handed (see BatchArrays.column)
-                yield _map(self._cache, lambda a: a[at:at + MEMORY_CHUNK_ROWS].copy())
+                yield map_arrays(self._cache, lambda a: a[at:at + MEMORY_CHUNK_ROWS].copy())
             else:
                 take = order[at:at + MEMORY_CHUNK_ROWS]
-                yield _map(self._cache, lambda a: a[take])
+                yield map_arrays(self._cache, lambda a: a[take])
 
     def sample(self, rows: int) -> Any:
         """The features of this worker's first `rows` training rows (None if it had none):
@@ -353,12 +358,12 @@ class ArrowFeed:
         delivered = 0
         for batch in self.batches(split):
             arrow = isinstance(batch, pa.RecordBatch)  # else numpy already (from memory)
-            rows = batch.num_rows if arrow else len(_leaves(batch)[0])
+            rows = batch.num_rows if arrow else rows_of(batch)
             if skip:  # rows an earlier attempt trained on in this epoch (skip_next_pass)
                 if rows <= skip:
                     skip -= rows
                     continue
-                batch = batch.slice(skip) if arrow else _map(batch, lambda a, s=skip: a[s:])
+                batch = batch.slice(skip) if arrow else map_arrays(batch, lambda a, s=skip: a[s:])
                 rows, skip = rows - skip, 0
             self._handed += rows
             delivered += rows

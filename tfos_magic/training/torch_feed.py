@@ -19,23 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..protocol.feed_spec import MATRIX, ColumnSpec, FeedSpec
-from .arrow_feed import ArrowFeed
-
-
-def _rows(chunk: Any) -> int:
-    first = chunk[0] if isinstance(chunk, tuple) else chunk
-    first = next(iter(first.values())) if isinstance(first, dict) else first
-    return len(first)
-
-
-def _apply(chunk: Any, fn: Any) -> Any:
-    """`fn` on every array of a chunk, keeping its structure: x, (x, y) or (x, y, w); x an
-    array or a dict of them."""
-    if isinstance(chunk, tuple):
-        return tuple(_apply(part, fn) for part in chunk)
-    if isinstance(chunk, dict):
-        return {k: fn(v) for k, v in chunk.items()}
-    return fn(chunk)
+from .arrow_feed import ArrowFeed, map_arrays, rows_of
 
 
 def _joined(parts: list[Any]) -> Any:
@@ -54,27 +38,27 @@ def rebatch(chunks: Iterator[Any], batch_size: int) -> Iterator[Any]:
     pending: list[Any] = []
     have = 0
     for chunk in chunks:
-        rows, at = _rows(chunk), 0
+        rows, at = rows_of(chunk), 0
         if pending:
             take = min(batch_size - have, rows)
-            pending.append(_apply(chunk, lambda a, t=take: a[:t]))
+            pending.append(map_arrays(chunk, lambda a, t=take: a[:t]))
             have, at = have + take, take
             if have < batch_size:
                 continue
             yield _joined(pending)
             pending, have = [], 0
         while rows - at >= batch_size:
-            yield _apply(chunk, lambda a, s=at: a[s:s + batch_size])
+            yield map_arrays(chunk, lambda a, s=at: a[s:s + batch_size])
             at += batch_size
         if at < rows:
-            pending, have = [_apply(chunk, lambda a, s=at: a[s:])], rows - at
+            pending, have = [map_arrays(chunk, lambda a, s=at: a[s:])], rows - at
     if pending:
         yield _joined(pending)
 
 
 def as_tensors(batch: Any) -> Any:
     """numpy to torch, sharing memory (no copy)."""
-    return _apply(batch, torch.from_numpy)
+    return map_arrays(batch, torch.from_numpy)
 
 
 class ArrowBatches(IterableDataset):

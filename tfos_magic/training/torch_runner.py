@@ -36,6 +36,7 @@ from ..protocol.paths import TORCH_MODEL_FILE, local_path
 from ..protocol.plan import TaskConfig
 from ..protocol import torch_model
 from . import torch_checkpoints
+from .arrow_feed import map_arrays, rows_of
 from .job_context import Throttle, check_finite
 from .peers import me
 from .torch_context import TorchContext
@@ -113,16 +114,7 @@ def _check_built(built: Any) -> tuple[Any, Any, Callable[..., Any]]:
 
 def _to(batch: Any, device: torch.device) -> Any:
     """A batch on `device`; (x, y) as a tuple (the DataLoader hands a list)."""
-    if isinstance(batch, (tuple, list)):
-        return tuple(_to(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    return batch.to(device, non_blocking=True)
-
-
-def _rows(batch: Any) -> int:
-    first = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return len(next(iter(first.values())) if isinstance(first, dict) else first)
+    return map_arrays(batch, lambda t: t.to(device, non_blocking=True))
 
 
 class TorchDDP:
@@ -248,7 +240,7 @@ def evaluate(module: Any, loader: Any, loss_fn: Callable[..., Any], ctx: TorchCo
             for batch in loader:
                 ctx.failpoint.hit("validation")
                 x, y = _to(batch, ctx.device)
-                n = _rows(batch)
+                n = rows_of(batch)
                 total += float(loss_fn(module(x), y)) * n
                 rows += n
     finally:
