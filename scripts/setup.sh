@@ -59,8 +59,12 @@ if [ ! -x .venv/bin/python ]; then
   say "creating .venv"
   "$PYTHON" -m venv .venv
 fi
+# PyTorch for the %%torch_train tests: nothing here needs CUDA, and PyPI's Linux build brings
+# 5 GB of CUDA libraries, which with the deploy tests' packed copies can fill a CI disk. A CPU
+# build where pip's find-links offer one (2.13.0+cpu sorts above 2.13.0), PyPI's elsewhere.
+TORCH=${TFOS_TORCH:-torch==2.13.0}
 stamp=.venv/.tfos-installed
-want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$( (cat pyproject.toml; echo "$TORCH") | sha256sum | cut -d' ' -f1)
 # The install also enables the Jupyter server extension (the sidebar's API), through a config
 # file it puts in .venv/etc/jupyter/jupyter_server_config.d; an older install lacks it.
 [ -f .venv/etc/jupyter/jupyter_server_config.d/tfos_magic.json ] || rm -f "$stamp"
@@ -68,7 +72,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "installing tfos-magic with its test extras into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
   # Playwright drives Debian's Chromium (/usr/bin/chromium): no browser download.
-  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 .venv/bin/python -m pip install -q -e '.[test]'
+  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 .venv/bin/python -m pip install -q "$TORCH" -e '.[test]'
   echo "$want" > "$stamp"
 fi
 # The editable install copied the built JupyterLab extension into .venv; a link to the

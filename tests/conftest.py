@@ -269,8 +269,12 @@ def spark_standalone(tmp_path_factory):
         script = root / f"gpus{i}.sh"
         script.write_text(f'#!/bin/sh\necho \'{{"name": "gpu", "addresses": ["{2 * i}", "{2 * i + 1}"]}}\'\n')
         script.chmod(0o755)
+        # A stopped application's folders (a packed environment unpacked per executor: GBs)
+        # go within a minute, not when the run ends.
         env["SPARK_WORKER_OPTS"] = (f"-Dspark.worker.resource.gpu.amount=2 "
-                                    f"-Dspark.worker.resource.gpu.discoveryScript={script}")
+                                    f"-Dspark.worker.resource.gpu.discoveryScript={script} "
+                                    "-Dspark.worker.cleanup.enabled=true -Dspark.worker.cleanup.interval=20 "
+                                    "-Dspark.worker.cleanup.appDataTtl=20")
         start(["org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "2", "--memory", "4g",
                "--webui-port", "0", url], f"worker{i}")
     deadline = time.time() + 120
