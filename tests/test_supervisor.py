@@ -254,6 +254,26 @@ def test_the_failing_process_s_own_report_wins_over_spark_s_earlier_word(monitor
     assert time.monotonic() - started < 3.5
 
 
+@pytest.mark.parametrize("complaint", [
+    "RuntimeError: [../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:23469: Connection reset by peer.",
+    "RuntimeError: [../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:40122",
+    "DistBackendError: [../gloo/transport/tcp/unbound_buffer.cc:81] Socket closed",
+    "UnavailableError: Collective ops is aborted by: failed to connect to all addresses",
+])
+def test_a_peer_s_complaint_that_the_dead_worker_broke_its_collective_is_not_the_cause(monitor, complaint):
+    """Worker 1 was killed (a retryable crash); worker 0's collective then failed, in the
+    words of TF or of Gloo's release. The crash is the error named, and a restart may help."""
+    send(monitor, "error", 1, message="PyTorch worker 1 crashed with SIGKILL (signal 9)", retryable=True)
+    send(monitor, "error", 0, message=complaint)
+    failed = monitor.failed()
+    assert str(failed).startswith("worker 1: PyTorch worker 1 crashed") and failed.retryable, failed
+
+
+def test_an_error_of_the_cell_s_own_is_never_a_peer_s_complaint(monitor):
+    send(monitor, "error", 0, message="ValueError: bad label (cell line 4)")
+    assert not monitor.failed().retryable
+
+
 def test_workers_that_stop_making_progress_fail_the_attempt_naming_their_last_events(monitor):
     """Every TF process started, then none moves on: the stall timeout fails the attempt
     (not retried), names each task's last event, and cancels the Spark job."""

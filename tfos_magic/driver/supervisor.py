@@ -33,8 +33,12 @@ ERROR_GRACE_S = 2.0
 STOP_SAVE_S = 10.0
 # Events that show a TF process moving on (gpu events do when their `rows` grew).
 PROGRESS_KINDS = frozenset({"started", "training", "step", "epoch", "checkpoint", "model", "stopping", "finished"})
-# Complaints of a worker whose peer died: symptoms, never the cause.
-_SECONDARY = re.compile(r"Collective ops is aborted|UnavailableError|CancelledError|unhealthy|Socket closed")
+# Complaints of a worker whose peer died: symptoms, never the cause. TF's collectives, then
+# PyTorch's: Gloo words a dead peer by what its socket saw (and the words changed between
+# releases), NCCL by its abort.
+_SECONDARY = re.compile(r"Collective ops is aborted|UnavailableError|CancelledError|unhealthy|"
+                        r"Socket closed|Connection (?:reset|closed) by peer|Broken pipe|"
+                        r"NCCL communicator was aborted|ncclRemoteError")
 
 
 def is_secondary(message: str) -> bool:
