@@ -19,12 +19,26 @@ df.withColumn("y", 2 * F.col("x0") - 3 * F.col("x1") + F.col("x2") + 0.5 * F.ran
 """
 
 
+def level(points: list[tuple[float, float]], low: float, high: float) -> float:
+    """The mean loss over steps (low, high] of a curve whose point at step s is the mean of
+    the interval since the point before it: each point weighed by its interval's steps."""
+    total = weight = 0.0
+    for (before, _), (step, value) in zip(points, points[1:]):
+        if low < step <= high:
+            total, weight = total + (step - before) * value, weight + step - before
+    assert weight, (points, low, high)
+    return total / weight
+
+
 @pytest.mark.parametrize("keras", ["legacy", "keras3", "ps"])
 def test_the_plotted_loss_has_no_cliff_at_the_epoch_boundary(shell, keras):
-    """The model reaches the label's noise floor (0.25) early in epoch 1; Keras' running mean
-    still holds the first steps' losses at the epoch's end, and starts afresh at the floor."""
+    """The model reaches the label's noise floor (0.25) in the first third of epoch 1; Keras'
+    running mean still holds the early, larger losses at the epoch's end, and starts afresh
+    at the floor. The curve's level over the 5,000 steps before the boundary is compared
+    with the 5,000 after (one point is one report's noise: several thousand rows of a
+    squared error whose spread is 0.35 a row), and against the step the running mean takes."""
     name = f"curve{keras}"
-    cell = (keras3_cell if keras == "keras3" else regression_cell)(inputs=4, hidden=16, learning_rate=0.01)
+    cell = (keras3_cell if keras == "keras3" else regression_cell)(inputs=4, hidden=16, learning_rate=0.001)
     run(shell, ETL.format(name=name))
     # One step a call and the spill read each epoch: several reports an epoch on this machine.
     strategy = "--strategy ps --ps 1 " if keras == "ps" else ""
@@ -35,14 +49,15 @@ def test_the_plotted_loss_has_no_cliff_at_the_epoch_boundary(shell, keras):
     model = DashboardModel(job=name)
     for event in job.events:
         model.feed(event)
-    steps, losses = model.loss[0].x, model.loss[0].y
+    plotted = list(zip(model.loss[0].x, model.loss[0].y))
     boundary = next(e["step"] for e in job.events if e["kind"] == "epoch" and e["epoch"] == 1)
-    first = [(s, v) for s, v in zip(steps, losses) if s <= boundary]
-    second = [v for s, v in zip(steps, losses) if s > boundary]
-    assert len(first) >= 3 and len(second) >= 3, (steps, boundary)
-    noise = max(abs(a - b) for a, b in zip(second, second[1:]))
-    drop = first[-1][1] - second[0]
-    assert drop <= 2 * noise + 1e-3, f"a step down of {drop:.4g} at the epoch boundary, noise {noise:.4g}: {losses}"
-    # The raw running mean is still there, for who wants Keras' own number.
-    raw = [e["metrics"]["loss_epoch_mean"] for e in job.events if e["kind"] == "step"]
-    assert raw and all(v > 0 for v in raw)
+    assert sum(s <= boundary for s, _ in plotted) >= 3 and sum(s > boundary for s, _ in plotted) >= 3, plotted
+    # The raw running mean is still there, for who wants Keras' own number: it is the
+    # curve the bug plotted, and its step shows that this case would catch the bug.
+    raw = [(e["step"], e["metrics"]["loss_epoch_mean"]) for e in job.events if e["kind"] == "step"]
+    assert raw and all(v > 0 for _, v in raw)
+    window = 5000
+    cliff = level(raw, boundary - window, boundary) - level(raw, boundary, boundary + window)
+    drop = level(plotted, boundary - window, boundary) - level(plotted, boundary, boundary + window)
+    assert cliff >= 0.01, f"the running mean steps down only {cliff:.4g}: this case cannot tell: {raw}"
+    assert drop <= cliff / 3, f"a step down of {drop:.4g} at the epoch boundary ({cliff:.4g} in the running mean): {plotted}"
