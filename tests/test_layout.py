@@ -34,10 +34,11 @@ SERVER_READS = {"job"}
 # The kernel hands Spark the tasks' entry points: the only places it names task code.
 ENTRY_POINTS = {("driver/launcher.py", "task.feeder"), ("driver/predict.py", "task.predictor"),
                 ("driver/checkpoint_dir.py", "task.visibility")}
-# A prediction task runs the model in Spark's Python worker itself, and every process loads
-# a saved model through one shared loader (both lazily importing tf_keras); the training
-# task never imports TensorFlow.
-MODEL_RUNNING_TASKS = {"task/predictor.py", "protocol/model_file.py"}
+# A prediction task runs the model in Spark's Python worker itself, every process loads
+# a saved model through one shared loader, and hands a TF model its arrays as tensors
+# through one shared converter (all lazily importing TF); the training task never
+# imports TensorFlow.
+MODEL_RUNNING_TASKS = {"task/predictor.py", "protocol/model_file.py", "protocol/tensors.py"}
 
 
 def _side(component: str) -> str:

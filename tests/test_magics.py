@@ -91,9 +91,10 @@ def test_label_and_feature_column_errors(shell):
     assert "label column 'rating' is not in the job's DataFrame" in str(err) and "a, b, y" in str(err)
     err = _error(shell, "%%tf_train cols\n" + MODEL)
     assert "--label" in str(err)
-    for ddl, kind, hint in [("cast(rand() as string)", "string", "StringIndexer"),
+    for ddl, kind, hint in [("current_timestamp()", "timestamp", "cast it to a numeric type"),
                             ("map('k', rand())", "map<string,double>", "separate numeric columns"),
-                            ("named_struct('p', rand())", "struct<p:double>", "df.select('col.*')")]:
+                            ("named_struct('p', rand())", "struct<p:double>", "df.select('f.*')"),
+                            ("array('a', 'b')", "array<string>", "concat_ws")]:
         _, err = run(shell, f'%%spark_etl bad\nspark.range(5).selectExpr("rand() as a", "{ddl} as f", "rand() as y")\n')
         assert err is None, err
         err = _error(shell, "%%tf_train bad --label y\n" + MODEL)

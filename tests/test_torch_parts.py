@@ -12,7 +12,8 @@ from tfos_magic.errors import TfosError
 from tfos_magic.protocol.feed_spec import ColumnSpec, FeedSpec
 from tfos_magic.protocol.torch_model import FORMAT, TorchModelNotLoadable, load, triton_kept_out
 from tfos_magic.training.torch_checkpoints import TorchCheckpointer, local_dir
-from tfos_magic.training.torch_feed import as_tensors, rebatch, zero_batch
+from tfos_magic.training.arrow_feed import rebatch
+from tfos_magic.training.torch_feed import as_tensors, zero_batch
 
 
 def _chunks(sizes):

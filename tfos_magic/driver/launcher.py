@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -22,12 +23,14 @@ from pyspark.sql import DataFrame
 
 from ..errors import JobFailed, TfosError
 from ..job import JobSpec, JobStore, RunOrigin, TrainOptions
-from ..protocol.cells import check_train_source, fit_hooks
+from ..protocol.cells import build_model_takes_sample, check_train_source, defines, fit_hooks
+from ..protocol.feed_spec import STRING, FeedSpec
 from ..protocol.plan import RegistryPlan, TaskPlan
 from ..task.feeder import RESULT_DDL, make_ps_task, make_task
 from .channel import DriverChannel
 from .checkpoint_dir import VisibilityMarker, check_visible, check_writable, checkpoint_dir_for
 from .columns import prepare
+from .sample import collect_sample
 from . import mlflow_tracking
 from .observers import JobObserver, Observers
 from .registry import EmbeddedRegistry, ZooKeeperView
@@ -97,6 +100,18 @@ def _check_strategy(opts: TrainOptions, hooks: list[str] = ()) -> int:
                         "graph loop of their own, not in Keras' fit, so Keras callbacks and weights cannot take "
                         "part. Use --strategy allreduce (the default) for them.")
     return opts.workers + opts.ps
+
+
+def _check_torch_feed(feed: FeedSpec) -> None:
+    """PyTorch takes tensors of numbers: text and ragged columns are TensorFlow's (tf.string, tf.RaggedTensor)."""
+    for c in feed.features:
+        if c.dtype == STRING:
+            raise TfosError(f"The column {c.name!r} is text or binary, which a %%torch_train job cannot take as a "
+                            "tensor: turn it into numbers in the %%spark_etl cell (token ids as an array column, "
+                            "decoded pixels), or train it with %%tf_train, whose models take tf.string inputs.")
+        if c.ragged:
+            raise TfosError(f"--ragged {c.name}: PyTorch has no ragged tensors to feed. Pass --pad {c.name}=N "
+                            "instead, which pads each row with zeros to N values.")
 
 
 def _registry(opts: TrainOptions, job: str) -> tuple[Any, RegistryPlan]:
@@ -219,7 +234,17 @@ def _plan(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Data
                 profile, gpus=opts.gpus_per_worker, others=ps)
     frame, feed = prepare(df, label=opts.label, features=opts.features, inputs=opts.inputs,
                           fillna=opts.fillna, require_label=entry == "build_model", validation=validation,
-                          weight=opts.sample_weight)
+                          weight=opts.sample_weight, ragged=opts.ragged, pad=opts.pad)
+    if opts.framework == "torch":
+        _check_torch_feed(feed)
+        if defines(spec.train_source or "", name, "preprocess"):
+            raise TfosError("preprocess() is a tf.data map over a %%tf_train job's rows; a %%torch_train job "
+                            "transforms its batches in the module's forward(), or in a train(ctx) loop of its own.")
+    sample = ""
+    if entry == "build_model" and build_model_takes_sample(spec.train_source or "", name):
+        # Seeded by the job's name: a resumed run adapts on the same rows as the run it resumes.
+        observers.on_log("tfos: drawing build_model()'s sample of the training rows (a Spark job over the ETL)")
+        sample = collect_sample(frame, feed, seed=zlib.crc32(name.encode()))
     frame = backend.feed_frame(frame, opts.workers)
     checkpoint_dir = checkpoint_dir_for(opts.checkpoint_dir, store, name)
     check_writable(checkpoint_dir)
@@ -246,7 +271,7 @@ def _plan(spark, spec: JobSpec, df: DataFrame, store: JobStore, validation: Data
                     host=addresses.tasks, train_source=spec.train_source or "", feed=feed, options=opts,
                     checkpoint_dir=checkpoint_dir, registry=registry_plan,
                     log_dir=store.log_dir(name, checkpoint_dir), failpoint=os.environ.get("TFOS_FAILPOINT") or None,
-                    env=env_plan, checkpoint_marker=marker.path if marker else None)
+                    env=env_plan, checkpoint_marker=marker.path if marker else None, sample=sample)
     return _Planned(backend, frame, plan, profile, registry, channel, groups, marker,
                     mlflow=mlflow_tracking.wanted(spec.options.mlflow))
 

@@ -15,7 +15,7 @@ from ..errors import TfosError
 from ..protocol.feed_spec import FeedSpec
 from ..protocol.model_file import ModelRef
 from ..task.predictor import INPUT_PREFIX, predict_fn
-from .columns import cast_column, prepare
+from .columns import cast_column, fill_nulls, prepare
 from .executor_env import ship_package
 from .spark_backend import backend_for
 
@@ -27,12 +27,12 @@ def trained_feed(state: dict[str, Any], options: Any, df: DataFrame) -> FeedSpec
     else:  # a job trained before the feed was recorded: derive it as training did
         names = options.features or [c for c in df.columns if c != options.label]
         _, spec = prepare(df, label=None, features=names, inputs=options.inputs, fillna=options.fillna,
-                          require_label=False)
+                          require_label=False, ragged=options.ragged, pad=options.pad)
     return spec.inputs_only()
 
 
 def predict(df: DataFrame, model: ModelRef, spec: FeedSpec, output_col: str, outputs: int,
-            fillna: float | None = None) -> DataFrame:
+            fillna: float | str | None = None) -> DataFrame:
     """`df` with one more column, `output_col`: the prediction for each row of the saved
     model `model` names."""
     fields = {f.name: f.dataType for f in df.schema.fields}
@@ -44,8 +44,7 @@ def predict(df: DataFrame, model: ModelRef, spec: FeedSpec, output_col: str, out
         raise TfosError(f"The DataFrame already has a column {output_col!r}; pass another output_col.")
     inputs = [cast_column(c, fields[c.name]).alias(INPUT_PREFIX + c.name) for c in spec.features]
     wide = df.select("*", *inputs)
-    if fillna is not None:
-        wide = wide.na.fill(fillna, subset=[INPUT_PREFIX + c.name for c in spec.features if not c.is_array])
+    wide = fill_nulls(wide, spec.features, fillna, prefix=INPUT_PREFIX)
     value: T.DataType = T.FloatType() if outputs == 1 else T.ArrayType(T.FloatType(), containsNull=False)
     schema = T.StructType(df.schema.fields + [T.StructField(output_col, value, nullable=False)])
     ship_package(backend_for(df.sparkSession))  # a session that trained nothing yet has no copy

@@ -12,21 +12,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..protocol.tensors import tensor_spec
 from ..protocol.feed_spec import MATRIX, FeedSpec
 
 MATRIX_INPUT = "features"  # the one input of a --inputs matrix model
 
 
 def input_signature(spec: FeedSpec) -> dict[str, Any]:
-    """name -> tf.TensorSpec of what the model took in training (protocol/arrays.py)."""
+    """name -> tf.TensorSpec of what the model took in training (protocol/arrays.py): a
+    text or binary column's is tf.string, one string a row."""
     import tensorflow as tf
 
     if spec.inputs == MATRIX:
         widths = [spec.width(c) for c in spec.features]
         width = None if None in widths else sum(w or 0 for w in widths)
         return {MATRIX_INPUT: tf.TensorSpec([None, width], tf.float32, name=MATRIX_INPUT)}
-    return {c.name: tf.TensorSpec([None] if not c.is_array else [None, spec.width(c)], tf.dtypes.as_dtype(c.dtype),
-                                  name=c.name) for c in spec.features}
+    return {c.name: tensor_spec(c, spec.width(c)) for c in spec.features}
 
 
 def _named_outputs(value: Any) -> dict[str, Any]:
@@ -53,6 +54,10 @@ def export_saved_model(model: Any, spec: FeedSpec, path: str) -> str:
 
     module = tf.Module()
     module.weights = list(model.variables)  # tracked here: the traced function reads them
+    # Lookup tables (a TextVectorization's vocabulary, a StringLookup's) are resources the
+    # function reads too; a SavedModel keeps only the ones something tracks.
+    module.resources = [t for t in tf.train.TrackableView(model).descendants()
+                        if isinstance(t, tf.saved_model.experimental.TrackableResource)]
     module.serve = tf.function(serve)
     tf.saved_model.save(module, path, signatures={"serving_default": module.serve.get_concrete_function(signature)})
     return path

@@ -180,8 +180,8 @@ class Job:
         if not feed:
             raise TfosError(f"Job {self.name!r} has no recorded feed; run it again with this version of tfos-magic.")
         spec = FeedSpec.from_dict(feed).inputs_only()
-        arrays = {name: np.zeros([rows] + [d or 1 for d in s.shape[1:]], s.dtype.as_numpy_dtype)
-                  for name, s in input_signature(spec).items()}
+        arrays = {name: np.full([rows] + [d or 1 for d in s.shape[1:]], b"" if s.dtype.name == "string" else 0,
+                                s.dtype.as_numpy_dtype) for name, s in input_signature(spec).items()}
         return arrays[MATRIX_INPUT] if MATRIX_INPUT in arrays and len(arrays) == 1 and spec.inputs == "matrix" \
             else arrays
 

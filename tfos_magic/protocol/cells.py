@@ -66,6 +66,20 @@ def check_train_source(source: str, job: str) -> str:
 FIT_HOOKS = ("callbacks", "fit_options")  # functions of the cell that Keras' fit takes part of
 
 
+def build_model_takes_sample(source: str, job: str) -> bool:
+    """Whether the cell's build_model has a parameter: it then gets a sample of the
+    training rows, for preprocessing layers' adapt() (driver/sample.py)."""
+    for node in parse(source, job).body:
+        if isinstance(node, ast.FunctionDef) and node.name == "build_model":
+            return bool(node.args.posonlyargs or node.args.args)
+    return False
+
+
+def defines(source: str, job: str, name: str) -> bool:
+    """Whether the cell defines `name` at its top level."""
+    return name in _top_level_names(parse(source, job))
+
+
 def fit_hooks(source: str, job: str) -> list[str]:
     """Which of FIT_HOOKS the cell defines at its top level."""
     names = _top_level_names(parse(source, job))

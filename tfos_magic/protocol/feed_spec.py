@@ -17,6 +17,10 @@ import pyarrow.compute as pc
 
 SPLIT_COLUMN = "__tfos_split"
 MATRIX, DICT = "matrix", "dict"
+STRING = "string"  # a text or binary column: one tf.string a row, its bytes (text as UTF-8)
+# An array column's rows: all of one length (checked as they stream), of any length (a
+# tf.RaggedTensor), or padded with zeros and cut to a stated length (--pad).
+FIXED, RAGGED, PADDED = "fixed", "ragged", "padded"
 
 
 class FeedError(ValueError):
@@ -26,8 +30,13 @@ class FeedError(ValueError):
 @dataclass
 class ColumnSpec:
     name: str
-    dtype: str  # "float32" or "int64"
+    dtype: str  # "float32", "int64" or STRING
     is_array: bool = False
+    lengths: str = FIXED  # an array's rows: FIXED, RAGGED or PADDED (to array_lengths[name])
+
+    @property
+    def ragged(self) -> bool:
+        return self.is_array and self.lengths == RAGGED
 
 
 @dataclass
@@ -65,13 +74,20 @@ class FeedSpec:
         return names + ([self.label.name] if self.label else []) + ([self.weight.name] if self.weight else [])
 
     def width(self, c: ColumnSpec) -> int | None:
-        """Values per row of a column: 1 for a scalar, the array length (None while unknown)."""
-        return self.array_lengths.get(c.name) if c.is_array else 1
+        """Values per row of a column: 1 for a scalar, the array length (None while unknown,
+        and always for a ragged one)."""
+        return None if c.ragged else self.array_lengths.get(c.name) if c.is_array else 1
+
+    @property
+    def has_ragged(self) -> bool:
+        return any(c.ragged for c in self.features + [c for c in (self.label, self.weight) if c])
 
     def describe(self) -> str:
         """What the feed gives the model, in words a user can match a model against."""
         def shape(c: ColumnSpec) -> str:
             w = self.width(c)
+            if c.ragged:
+                return "(batch, None) ragged"
             return "(batch,)" if not c.is_array else f"(batch, {w if w is not None else '?'})"
 
         if self.inputs == MATRIX:
@@ -89,14 +105,17 @@ def array_lengths(batch: pa.RecordBatch, spec: FeedSpec) -> dict[str, int]:
     """Length of each array column, checked to be the same on every row of `batch`."""
     out = {}
     for c in spec.features + ([spec.label] if spec.label else []):
-        if not c.is_array:
+        if not c.is_array or c.lengths != FIXED:
             continue
         lengths = pc.list_value_length(batch.column(c.name))
         lo, hi = pc.min_max(lengths).values()
         if lo.as_py() != hi.as_py():
+            fix = ("pass --pad " + f"{c.name}={hi} to pad shorter rows with zeros (and cut longer ones)" +
+                   (f", or --ragged {c.name} for a tf.RaggedTensor" if c in spec.features and spec.inputs != MATRIX
+                    else ""))
             raise FeedError(
-                f"Array column {c.name!r} has rows of different lengths ({lo} to {hi}). "
-                "Only fixed-length arrays can be fed; pad or truncate them in the %%spark_etl cell."
+                f"Array column {c.name!r} has rows of different lengths ({lo} to {hi}): {fix} "
+                "(docs: README, 'Text, images and sequences')."
             )
         if lo.as_py() is not None:
             out[c.name] = int(lo.as_py())

@@ -43,6 +43,28 @@ def _class_weights(text: str) -> dict[int, float]:
     return weights
 
 
+def _lengths(text: str) -> dict[str, int]:
+    """`tokens=64,events=20` -> {"tokens": 64, "events": 20}."""
+    out = {}
+    for item in _csv(text):
+        name, sep, length = item.rpartition("=")
+        try:
+            out[name] = int(length)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--pad takes COLUMN=LENGTH pairs such as tokens=64, not {item!r}")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"--pad takes COLUMN=LENGTH pairs such as tokens=64, not {item!r}")
+    return out
+
+
+def _fill_value(text: str) -> float | str:
+    """A number fills numeric columns; any other text fills text and binary ones."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 @dataclass
 class TrainOptions:
     """Options of a `%%tf_train` cell; defaults are what a new user should get."""
@@ -57,8 +79,12 @@ class TrainOptions:
                                         shown_default="all but the label and weight")
     inputs: str = option("auto", "one float32 matrix, or a dict of named tensors; auto picks the matrix when "
                          "every feature is floating point (scalars, float arrays, ML vectors, side by side in "
-                         "column order) and the dict when an integer column is among them",
+                         "column order) and the dict when an integer, text, binary or ragged column is among them",
                          choices=("auto", "matrix", "dict"))
+    ragged: list[str] | None = option(None, "array columns whose rows differ in length, fed as "
+                                      "`tf.RaggedTensor`s (--inputs dict)", type=_csv, metavar="a,b")
+    pad: dict[str, int] | None = option(None, "array columns whose rows differ in length, padded with zeros "
+                                        "(or cut) to LENGTH values", type=_lengths, metavar="COL=LENGTH,...")
     validation_df: str | None = option(None, "a DataFrame streamed as validation data (a variable, or a job "
                                        "registered under that name)", metavar="NAME")
     checkpoint_dir: str | None = option(None, "any `tf.io.gfile` path (local, HDFS, object store); on a cluster, "
@@ -91,7 +117,9 @@ class TrainOptions:
                                                    "class_weight (also from fit_options() in the cell)",
                                                    type=_class_weights, metavar="0:1,1:20")
     restart: bool = option(False, "delete earlier checkpoints and metrics, start at step 0", type=bool)
-    fillna: float | None = option(None, "replace nulls in scalar feature columns", type=float, metavar="VALUE")
+    fillna: float | str | None = option(None, "replace nulls in scalar feature columns: a number fills the "
+                                        "numeric ones, other text the text and binary ones", type=_fill_value,
+                                        metavar="VALUE")
     strategy: str = option("allreduce", "`MultiWorkerMirroredStrategy`, or variables on parameter servers",
                            choices=("allreduce", "ps"), env="TFOS_STRATEGY")
     framework: str = option("tensorflow", "what trains the cell: TensorFlow (`%%tf_train`), or PyTorch "

@@ -78,6 +78,9 @@ class TaskPlan:
     # On a cluster: a file the kernel wrote into the checkpoint dir, which every worker
     # must see before it trains (driver/checkpoint_dir.py); None in local mode.
     checkpoint_marker: str | None = None
+    # Rows for build_model(sample), the same on every worker: an Arrow IPC stream in base64
+    # (driver/sample.py); "" when build_model takes no sample.
+    sample: str = ""
 
     @property
     def strategy(self) -> str:
@@ -92,7 +95,9 @@ class TaskPlan:
         return dataclasses.replace(self, attempt=attempt, token=token, spare_token=spare_token, start_over=start_over)
 
     def with_array_lengths(self, lengths: dict[str, int]) -> "TaskPlan":
-        return dataclasses.replace(self, feed=dataclasses.replace(self.feed, array_lengths=dict(lengths)))
+        """The fixed-length arrays' lengths, as the tasks found them, beside the --pad lengths."""
+        return dataclasses.replace(self, feed=dataclasses.replace(self.feed, array_lengths={**lengths,
+                                                                                           **self.feed.array_lengths}))
 
     def to_dict(self, secrets: bool = True) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

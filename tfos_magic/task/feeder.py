@@ -130,7 +130,8 @@ def _agree_cluster(task: Any, address: str, first: pa.RecordBatch | None,
         for name, n in p["lengths"].items():
             if lengths.setdefault(name, n) != n:
                 raise WorkerFailed(f"Array column {name!r} has length {n} on one worker and {lengths[name]} "
-                                   "on another; only fixed-length arrays can be fed.")
+                                   "on another: pass --pad {name}=N to pad every row to N values, or --ragged {name} "
+                                   "for a tf.RaggedTensor.")
     return [p["addr"] for p in peers], lengths
 
 

@@ -44,7 +44,9 @@ def _model(ref: ModelRef) -> Any:
 def _predict(model: Any, x: Any) -> Any:
     """A Keras model's predict_on_batch, or a PyTorch module called without gradients."""
     if hasattr(model, "predict_on_batch"):
-        return model.predict_on_batch(x)
+        from ..protocol.tensors import to_tf
+
+        return model.predict_on_batch(to_tf(x))  # a ragged column as a tf.RaggedTensor
     from ..protocol.torch_model import predict_on_batch
 
     return predict_on_batch(model, x)

@@ -22,8 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..protocol.arrays import BatchArrays
-from ..protocol.feed_spec import MATRIX, SPLIT_COLUMN, ColumnSpec, FeedError, FeedSpec, array_lengths
+from ..protocol.arrays import BatchArrays, RaggedArray, concatenate, map_arrays, rows_of
+from ..protocol.tensors import tensor_spec, to_tensor
+from ..protocol.feed_spec import MATRIX, SPLIT_COLUMN, STRING, ColumnSpec, FeedError, FeedSpec, array_lengths
 from .shuffle import SPILL_BLOCK_ROWS, rng_for, shuffled
 
 
@@ -31,25 +32,77 @@ from .shuffle import SPILL_BLOCK_ROWS, rng_for, shuffled
 MEMORY_CHUNK_ROWS = 65536
 
 
-def leaves(element: Any) -> list[Any]:
-    """The arrays of one element: x (an array or a dict of them), y, weight (a tuple, or
-    the list a torch DataLoader makes of it)."""
-    parts = element if isinstance(element, (tuple, list)) else (element,)
-    return [a for p in parts for a in (p.values() if isinstance(p, dict) else (p,))]
+def _joined(parts: list[Any]) -> Any:
+    """One chunk of several, each array concatenated along the rows."""
+    head = parts[0]
+    if isinstance(head, (tuple, list)):
+        return tuple(_joined([p[i] for p in parts]) for i in range(len(head)))
+    if isinstance(head, dict):
+        return {k: concatenate([p[k] for p in parts]) for k in head}
+    return concatenate(parts)
 
 
-def rows_of(element: Any) -> int:
-    """Rows in one element (every array has them)."""
-    return len(leaves(element)[0])
+def rebatch(chunks: Iterator[Any], batch_size: int) -> Iterator[Any]:
+    """Chunks of any size as batches of exactly `batch_size` rows, the last one shorter:
+    slices (views) within a chunk, one concatenation where a batch spans chunks. For
+    PyTorch's loader, and for tf.data where a ragged column rules out its own `rebatch`."""
+    pending: list[Any] = []
+    have = 0
+    for chunk in chunks:
+        rows, at = rows_of(chunk), 0
+        if pending:
+            take = min(batch_size - have, rows)
+            pending.append(map_arrays(chunk, lambda a, t=take: a[:t]))
+            have, at = have + take, take
+            if have < batch_size:
+                continue
+            yield _joined(pending)
+            pending, have = [], 0
+        while rows - at >= batch_size:
+            yield map_arrays(chunk, lambda a, s=at: a[s:s + batch_size])
+            at += batch_size
+        if at < rows:
+            pending, have = [map_arrays(chunk, lambda a, s=at: a[s:])], rows - at
+    if pending:
+        yield _joined(pending)
 
 
-def map_arrays(element: Any, fn: Any) -> Any:
-    """`fn` on every array of an element, keeping its structure."""
-    if isinstance(element, (tuple, list)):
-        return tuple(map_arrays(p, fn) for p in element)
-    if isinstance(element, dict):
-        return {k: fn(v) for k, v in element.items()}
-    return fn(element)
+def _to_numpy(t: Any) -> Any:
+    """A tensor's memory as numpy (a ragged one's values and splits)."""
+    import tensorflow as tf
+
+    if isinstance(t, tf.RaggedTensor):
+        return RaggedArray(t.flat_values.numpy(), t.row_splits.numpy())
+    return t.numpy()
+
+
+def empty_of(spec: Any) -> Any:
+    """A batch of no rows of `spec` (a TensorSpec or RaggedTensorSpec)."""
+    import tensorflow as tf
+
+    if isinstance(spec, tf.RaggedTensorSpec):
+        return tf.RaggedTensor.from_row_splits(tf.zeros([0], spec.dtype), tf.zeros([1], tf.int64))
+    return tf.zeros([0, *spec.shape[1:]], spec.dtype)
+
+
+def preprocess_rows(fn: Any, training: bool) -> Any:
+    """The cell's `preprocess(features, label)` as a tf.data map over rows: (x,) or (x, y),
+    a weight passed through, and `training=` for a function that takes it (True for the
+    training rows, False for validation)."""
+    import inspect
+
+    takes_training = "training" in inspect.signature(fn).parameters
+    extra = {"training": training} if takes_training else {}
+
+    def call(*element: Any) -> Any:
+        if len(element) == 1:
+            return fn(element[0], **extra)
+        out = fn(element[0], element[1], **extra)
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise TypeError("preprocess(features, label) must return (features, label), as a tuple of two")
+        return (*out, *element[2:])
+
+    return call
 
 
 class ArrowFeed:
@@ -57,8 +110,9 @@ class ArrowFeed:
 
     def __init__(self, source: BinaryIO, spec: FeedSpec, spill_dir: str, shuffle_rows: int = 0,
                  seed: tuple[str, int, int] = ("", 0, 0), class_weight: dict[int, float] | None = None,
-                 memory_cache_bytes: int = 0) -> None:
+                 memory_cache_bytes: int = 0, preprocess: Any = None) -> None:
         self.spec = spec
+        self.preprocess = preprocess  # the cell's preprocess(features, label[, training]), per row
         self.memory_cache_bytes = memory_cache_bytes  # 0: every pass reads the spill
         self._cache: Any = None  # the training rows as numpy (x, y[, w]), once decoded
         self._tensors: Any = None  # the same rows as tensors, once a pass from memory asks
@@ -131,7 +185,9 @@ class ArrowFeed:
             nulls = col.null_count + (col.flatten().null_count if c.is_array else 0)
             if nulls:
                 role = "label" if c is self.spec.label else "weight" if c is self.spec.weight else "feature"
-                fix = "" if role == "label" else " or pass --fillna VALUE to %%tf_train"
+                fix = ("" if role != "feature" or c.is_array else " or pass --fillna TEXT to %%tf_train (any value "
+                       "that is not a number fills text and binary columns)" if c.dtype == STRING
+                       else " or pass --fillna NUMBER to %%tf_train")
                 raise FeedError(
                     f"The {role} column {c.name!r} has null values (found {nulls} in one batch). "
                     f"Drop or fill them in the %%spark_etl cell (df.dropna / df.na.fill){fix}."
@@ -244,8 +300,8 @@ class ArrowFeed:
         if not self._done or not self.from_memory():
             return None
         if self._tensors is None:
-            self._tensors = map_arrays(self._cache, tf.constant)
-            self._cache = map_arrays(self._tensors, lambda t: t.numpy())  # the same memory, for dataset()
+            self._tensors = map_arrays(self._cache, to_tensor)
+            self._cache = map_arrays(self._tensors, _to_numpy)  # the same memory, for dataset()
         rows = rows_of(self._cache)
         rng = self._pass_order("train")
         skip, self._skip_rows = min(self._skip_rows, rows), 0
@@ -258,7 +314,7 @@ class ArrowFeed:
         self._handed += min(done, trained)
         self._memory_pass = (rows - skip, 0)
         self.last_pass_rows = rows - skip
-        return self._for_training(tf.data.Dataset.from_tensor_slices(part).batch(batch_size), "train")
+        return self._for_training(self._batched(tf.data.Dataset.from_tensor_slices(part), batch_size, "train"), "train")
 
     def _from_memory(self, rng: np.random.Generator | None) -> Iterator[Any]:
         """The cached rows as numpy chunks: every row in `rng`'s order (a full shuffle, not a
@@ -291,9 +347,8 @@ class ArrowFeed:
         `class_weights`, what the generator yields before tf.data adds them."""
         import tensorflow as tf
 
-        def spec_of(c: ColumnSpec) -> "tf.TensorSpec":
-            shape = (None, self.spec.array_lengths[c.name]) if c.is_array else (None,)
-            return tf.TensorSpec(shape, tf.as_dtype(c.dtype), name=c.name)
+        def spec_of(c: ColumnSpec) -> Any:
+            return tensor_spec(c, None if c.ragged else self.spec.array_lengths.get(c.name) if c.is_array else None)
 
         if self.spec.inputs == MATRIX:
             width = sum(self.spec.width(c) or 0 for c in self.spec.features)
@@ -345,8 +400,8 @@ class ArrowFeed:
         memory, one pass per call; else re-iterable, a pass per iterator."""
         import tensorflow as tf
 
-        empty = tf.nest.map_structure(lambda s: tf.zeros([0, *s.shape[1:]], s.dtype), self.element_spec())
         ds = self.memory_pass(batch_size) or self.dataset(batch_size)
+        empty = tf.nest.map_structure(empty_of, ds.element_spec)  # as preprocess() made it
         ds = ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat())
         return ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
 
@@ -377,8 +432,31 @@ class ArrowFeed:
 
         from .python_source import iterator_dataset
 
-        ds = iterator_dataset(lambda: self.numpy_pass(split), self.element_spec(split, class_weights=False))
-        return self._for_training(ds.rebatch(batch_size), split).prefetch(tf.data.AUTOTUNE)
+        signature = self.element_spec(split, class_weights=False)
+        if self.preprocess is not None:  # rows, mapped one by one, batched again
+            ds = iterator_dataset(lambda: self.numpy_pass(split), signature).unbatch()
+            ds = self._batched(ds, batch_size, split)
+        elif self.spec.has_ragged:  # tf.data's rebatch takes dense tensors only: batches cut here
+            ds = iterator_dataset(lambda: rebatch(self.numpy_pass(split), batch_size), signature)
+        else:
+            ds = iterator_dataset(lambda: self.numpy_pass(split), signature).rebatch(batch_size)
+        return self._for_training(ds, split).prefetch(tf.data.AUTOTUNE)
+
+    def batch_spec(self, split: str = "train") -> Any:
+        """What a batch the model trains on is: `element_spec`, or what preprocess() makes of it."""
+        if self.preprocess is None:
+            return self.element_spec(split)
+        return self.dataset(1, split).element_spec
+
+    def _batched(self, rows: Any, batch_size: int, split: str) -> Any:
+        """A dataset of single rows, through preprocess() (a parallel map) and into batches
+        (ragged ones, where the feed has a ragged column)."""
+        import tensorflow as tf
+
+        if self.preprocess is not None:
+            rows = rows.map(preprocess_rows(self.preprocess, split == "train"), num_parallel_calls=tf.data.AUTOTUNE,
+                            deterministic=self.shuffle_rows == 0)
+        return rows.ragged_batch(batch_size) if self.spec.has_ragged else rows.batch(batch_size)
 
     def _for_training(self, ds: Any, split: str) -> Any:
         """Batches weighed by class (--class-weight), and never sharded again: each worker

@@ -228,10 +228,10 @@ def _train(config: TaskConfig, channel: Any, namespace: dict[str, Any], cleanup:
     connection = runner.connect(config, channel)
     feed = ArrowFeed(sys.stdin.buffer, plan.feed, config.workdir, shuffle_rows=opts.shuffle,
                      seed=(plan.job, plan.run, config.index), class_weight=_class_weight(namespace, opts),
-                     memory_cache_bytes=opts.memory_cache * 2**20)
+                     memory_cache_bytes=opts.memory_cache * 2**20, preprocess=namespace.get("preprocess"))
     ctx = runner.context(connection, job=plan.job, feed=feed, worker_index=config.index,
                          num_workers=config.num_workers, checkpoint_dir=plan.checkpoint_dir, options=opts,
-                         channel=channel, log_dir=plan.log_dir, stop=stop, failpoint=failpoint)
+                         channel=channel, log_dir=plan.log_dir, stop=stop, failpoint=failpoint, sample=plan.sample)
     cleanup.append(ctx)
     from .gpu_sampler import GpuSampler, default_source
 

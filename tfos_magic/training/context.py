@@ -15,6 +15,13 @@ class TrainContext(JobContext):
         super().__init__(**common)
         self.strategy = strategy
 
+    def model_sample(self) -> Any:
+        """build_model(sample)'s rows as tensors (a ragged column as a tf.RaggedTensor)."""
+        from ..protocol.tensors import to_tf
+
+        sample = self.sample()
+        return None if sample is None else to_tf(sample)
+
     @property
     def rows_per_step(self) -> int:
         """Rows this worker takes in one step: a batch for each of its local replicas."""

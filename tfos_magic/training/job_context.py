@@ -23,8 +23,9 @@ class JobContext:
 
     def __init__(self, *, job: str, feed: ArrowFeed, worker_index: int, num_workers: int, checkpoint_dir: str,
                  options: TrainOptions, channel: ChannelClient, log_dir: str = "", stop: StopSignal | None = None,
-                 failpoint: Failpoint | None = None) -> None:
+                 failpoint: Failpoint | None = None, sample: str = "") -> None:
         self.job = job
+        self._sample = sample  # build_model(sample)'s rows (protocol/sample.py), "" for none
         self.feed = feed
         self.worker_index = worker_index
         self.num_workers = num_workers
@@ -37,6 +38,30 @@ class JobContext:
         self._stop = stop or StopSignal(worker_index == 0, lambda step: None)
         self.failpoint = failpoint or Failpoint(None, worker_index, 0)
         self._checkpointers: list[Any] = []
+
+    def sample(self) -> Any:
+        """build_model(sample)'s rows as numpy, (features, label) as the feed gives them: the
+        same random training rows on every worker (driver/sample.py)."""
+        from ..protocol.arrays import BatchArrays
+        from ..protocol.sample import decode
+
+        batch = decode(self._sample) if self._sample else None
+        if batch is None:
+            return None
+        return BatchArrays(self.feed.spec).to_numpy(batch.drop_columns(
+            [n for n in batch.schema.names if n not in self.feed.spec.columns]))
+
+    def build(self, build_model: Any) -> Any:
+        """The cell's build_model(), or build_model(sample) when it takes one."""
+        import inspect
+
+        if not inspect.signature(build_model).parameters:
+            return build_model()
+        return build_model(self.model_sample())
+
+    def model_sample(self) -> Any:
+        """`sample()` as the framework's model takes it (numpy here; tensors for TF)."""
+        return self.sample()
 
     @property
     def is_chief(self) -> bool:

@@ -149,7 +149,7 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool,
     of keras3_loop.py (its `fit` fails under MultiWorkerMirroredStrategy). Both run the
     same epochs: steps agreed across workers, the same callback reporting and saving."""
     with ctx.strategy.scope():
-        model = build_model()
+        model = ctx.build(build_model)
         kind = keras3_loop.check_model(model)
         if getattr(model, "optimizer", None) is None:
             raise TfosError("build_model() must return a compiled model: call model.compile(optimizer=..., "
@@ -157,7 +157,7 @@ def fit(build_model: Callable[[], Any], ctx: TrainContext, restart: bool,
         model_inputs.check(model, ctx.feed.spec)
     trainer: Any = LegacyFit(model) if kind == LEGACY else keras3_loop.StepLoop(model, ctx.strategy)
     if kind != LEGACY:
-        trainer.build(ctx.feed.element_spec())
+        trainer.build(ctx.feed.batch_spec())
     with ctx.strategy.scope():
         ckpt = ctx.checkpoint(model=model, optimizer=model.optimizer)
         restored = None if restart else ckpt.restore()

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..protocol.model_file import ModelNotLoadable, load_model, why_not_loadable
+from ..protocol.tensors import to_tf
 
 SAMPLE_ROWS = 16
 TOLERANCE = 1e-4
@@ -41,7 +42,7 @@ def _predict(model: Any, rows: Any, graph_mode: bool) -> list[np.ndarray]:
     In ps mode (TF1 graphs) the model is called on constants and run in Keras' session: a
     model built by its first call during training took the dataset's iterator as its
     input, so `predict` would refuse any other data."""
-    outputs = model(tf.nest.map_structure(tf.constant, rows), training=False)
+    outputs = model(to_tf(rows), training=False)
     if graph_mode:
         return _as_arrays(tf.compat.v1.keras.backend.get_session().run(outputs))
     return _as_arrays(outputs)

@@ -144,7 +144,7 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
                                          name="tfos_worker_progress")
         job_step = tf.reduce_sum(progress[:, 2])
         me = ctx.worker_index
-        model = _build_legacy(build_model)
+        model = _build_legacy(lambda: ctx.build(build_model))
         model_inputs.check(model, ctx.feed.spec)
         data = tf.compat.v1.data.make_initializable_iterator(ctx.dataset())
         x, y = data.get_next()

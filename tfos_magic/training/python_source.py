@@ -24,8 +24,15 @@ def iterator_dataset(open_pass: Callable[[], Iterator[Any]], signature: Any) -> 
     iterator's error. Only the newest pass stays open: a pass left unfinished (a `fit`
     whose steps ended first) is closed when the next one opens."""
     specs = tf.nest.flatten(signature)
-    dtypes = [s.dtype.as_numpy_dtype for s in specs]
-    ended = [np.bool_(True), *(np.zeros([0, *s.shape[1:]], d) for s, d in zip(specs, dtypes))]
+    # What numpy_function returns for each spec: a tensor's array, or a ragged one's values
+    # and row splits (a RaggedArray: protocol/arrays.py), rebuilt as a tf.RaggedTensor after.
+    parts = [[s.dtype, tf.int64] if isinstance(s, tf.RaggedTensorSpec) else [s.dtype] for s in specs]
+    out_dtypes = [d for p in parts for d in p]
+    numpy_dtypes = [d.as_numpy_dtype for d in out_dtypes]
+    ended = [np.bool_(True)]
+    for s in specs:
+        ended += ([np.zeros([0], s.dtype.as_numpy_dtype), np.zeros([1], np.int64)] if isinstance(s, tf.RaggedTensorSpec)
+                  else [np.zeros([0, *s.shape[1:]], s.dtype.as_numpy_dtype)])
     passes: dict[int, Iterator[Any]] = {}
     keys = itertools.count()
 
@@ -43,14 +50,25 @@ def iterator_dataset(open_pass: Callable[[], Iterator[Any]], signature: Any) -> 
         if element is None:
             passes.pop(int(key), None)
             return ended
-        return [np.bool_(False), *(np.asarray(a, d) for a, d in zip(tf.nest.flatten(element), dtypes))]
+        arrays = []
+        for a in tf.nest.flatten(element):
+            arrays += [a.values, a.splits] if hasattr(a, "splits") else [a]
+        return [np.bool_(False), *(np.asarray(a, d) for a, d in zip(arrays, numpy_dtypes))]
 
     def values(_done: tf.Tensor, *arrays: tf.Tensor) -> Any:
-        return tf.nest.pack_sequence_as(signature, [tf.ensure_shape(a, s.shape) for a, s in zip(arrays, specs)])
+        out, at = [], 0
+        for s, p in zip(specs, parts):
+            if isinstance(s, tf.RaggedTensorSpec):
+                out.append(tf.RaggedTensor.from_row_splits(tf.ensure_shape(arrays[at], [None]),
+                                                           tf.ensure_shape(arrays[at + 1], [None]), validate=False))
+            else:
+                out.append(tf.ensure_shape(arrays[at], s.shape))
+            at += len(p)
+        return tf.nest.pack_sequence_as(signature, out)
 
     def one_pass(key: tf.Tensor) -> tf.data.Dataset:
         return (tf.data.Dataset.from_tensors(key).repeat()
-                .map(lambda k: tf.numpy_function(next_, [k], [tf.bool, *(s.dtype for s in specs)], stateful=True))
+                .map(lambda k: tf.numpy_function(next_, [k], [tf.bool, *out_dtypes], stateful=True))
                 .take_while(lambda done, *_: tf.logical_not(done))
                 .map(values))
 

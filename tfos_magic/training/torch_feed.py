@@ -19,41 +19,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..protocol.feed_spec import MATRIX, ColumnSpec, FeedSpec
-from .arrow_feed import ArrowFeed, map_arrays, rows_of
-
-
-def _joined(parts: list[Any]) -> Any:
-    """One chunk of several, each array concatenated along the rows."""
-    head = parts[0]
-    if isinstance(head, tuple):
-        return tuple(_joined([p[i] for p in parts]) for i in range(len(head)))
-    if isinstance(head, dict):
-        return {k: np.concatenate([p[k] for p in parts]) for k in head}
-    return np.concatenate(parts)
-
-
-def rebatch(chunks: Iterator[Any], batch_size: int) -> Iterator[Any]:
-    """Chunks of any size as batches of exactly `batch_size` rows, the last one shorter:
-    slices (views) within a chunk, one concatenation where a batch spans chunks."""
-    pending: list[Any] = []
-    have = 0
-    for chunk in chunks:
-        rows, at = rows_of(chunk), 0
-        if pending:
-            take = min(batch_size - have, rows)
-            pending.append(map_arrays(chunk, lambda a, t=take: a[:t]))
-            have, at = have + take, take
-            if have < batch_size:
-                continue
-            yield _joined(pending)
-            pending, have = [], 0
-        while rows - at >= batch_size:
-            yield map_arrays(chunk, lambda a, s=at: a[s:s + batch_size])
-            at += batch_size
-        if at < rows:
-            pending, have = [map_arrays(chunk, lambda a, s=at: a[s:])], rows - at
-    if pending:
-        yield _joined(pending)
+from ..protocol.arrays import map_arrays
+from .arrow_feed import ArrowFeed, rebatch
 
 
 def as_tensors(batch: Any) -> Any:

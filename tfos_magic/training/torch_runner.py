@@ -36,7 +36,7 @@ from ..protocol.paths import TORCH_MODEL_FILE, local_path
 from ..protocol.plan import TaskConfig
 from ..protocol import torch_model
 from . import torch_checkpoints
-from .arrow_feed import map_arrays, rows_of
+from ..protocol.arrays import map_arrays, rows_of
 from .job_context import Throttle, check_finite
 from .peers import me
 from .torch_context import TorchContext
@@ -252,7 +252,7 @@ def fit(build_model: Callable[[], Any], ctx: TorchContext, restart: bool) -> Any
     """Train build_model()'s (module, optimizer, loss_fn) for --epochs; returns the module."""
     if ctx.feed.spec.label is None:
         raise TfosError("build_model() needs a label: pass --label COL (or write train(ctx) for a loop of your own).")
-    model, optimizer, loss_fn = _check_built(build_model())
+    model, optimizer, loss_fn = _check_built(ctx.build(build_model))
     model.to(ctx.device)
     ckpt = ctx.checkpoint(model=model, optimizer=optimizer)
     restored = None if restart else ckpt.restore()
