@@ -248,6 +248,18 @@ def compare_shuffle(spark, df, args) -> None:
         print(f"| {label} | {rates[0]:,.0f} | {ratios[0]:.2f}x | {rates[1]:,.0f} | {ratios[1]:.2f}x |")
 
 
+def local_session(driver_memory: str) -> Any:
+    """The benches' Spark: local[2], Arrow on, the executors on this Python."""
+    from pyspark.sql import SparkSession
+
+    spark = (SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false")
+             .config("spark.driver.memory", driver_memory).config("spark.pyspark.python", sys.executable)
+             .config("spark.ui.showConsoleProgress", "false")
+             .config("spark.sql.execution.arrow.pyspark.enabled", "true").getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -257,13 +269,7 @@ def main() -> None:
     ap.add_argument("--row-baseline-rows", type=int, default=100_000,
                     help="rows the row-at-a-time baseline feeds (a subset: it is slow); default 100000")
     args = ap.parse_args()
-    from pyspark.sql import SparkSession
-
-    spark = (SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false")
-             .config("spark.driver.memory", "3g").config("spark.pyspark.python", sys.executable)
-             .config("spark.ui.showConsoleProgress", "false")
-             .config("spark.sql.execution.arrow.pyspark.enabled", "true").getOrCreate())
-    spark.sparkContext.setLogLevel("ERROR")
+    spark = local_session("3g")
     cols = [f"cast(rand({i}) as float) as {c}" for i, c in enumerate(FEATURES)] + ["cast(rand(99) as float) as y"]
     df = spark.range(args.rows, numPartitions=2).selectExpr(*cols).cache()
     assert df.count() == args.rows
