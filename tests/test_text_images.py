@@ -83,6 +83,7 @@ def _accuracy(frame, label: str, prediction: str, classes: int) -> float:
     return frame.select(F.avg(right)).first()[0]
 
 
+@pytest.mark.spark35
 def test_a_text_classifier_on_a_string_column_learns_predicts_and_serves_raw_strings(shell, tmp_path):
     _, err = run(shell, TEXT_ETL)
     assert err is None, err
