@@ -220,3 +220,29 @@ def build_model():
     assert err is not None and "feature column 't' has null values" in str(err) and "--fillna TEXT" in str(err), err
     _, err = run(shell, "%%tf_train nulls --label y --fillna missing --restart\n" + cell)
     assert err is None, err
+
+
+PS_TEXT_MODEL = """
+import numpy as np
+import tensorflow as tf
+
+def build_model(sample):
+    features, label = sample  # numpy in ps mode's TF1 graphs, where adapt() cannot run
+    assert features["review"].dtype == object and len(features["review"]) == len(label) > 1000
+    review = tf.keras.Input(shape=(), dtype=tf.string, name="review")
+    x = tf.keras.layers.Hashing(64, output_mode="one_hot")(review)
+    m = tf.keras.Model(review, tf.keras.layers.Dense(1, activation="sigmoid")(x))
+    m.compile(optimizer=tf.keras.optimizers.Adam(0.02), loss="binary_crossentropy")
+    return m
+"""
+
+
+def test_parameter_servers_train_on_a_string_column_with_build_model_s_sample(shell):
+    """ps mode's TF1 graph takes tf.string inputs too; its sample comes as numpy."""
+    _, err = run(shell, TEXT_ETL)
+    assert err is None, err
+    _, err = run(shell, "%%tf_train reviews --strategy ps --ps 1 --workers 1 --epochs 1 --batch-size 256 "
+                        "--label label --restart\n" + PS_TEXT_MODEL)
+    assert err is None, err
+    scored = get_job("reviews").predict(shell.user_ns["heldout"]).limit(20).collect()
+    assert len(scored) == 20 and all(0 <= r["prediction"] <= 1 for r in scored)

@@ -70,6 +70,11 @@ class PSContext(TrainContext):
     _saver: Any = None
     restored_from: str | None = None  # the checkpoint the chief's session restored
 
+    def model_sample(self) -> Any:
+        """build_model(sample)'s rows as numpy: a TF1 graph has no eager tensors, and Keras'
+        adapt() runs eagerly only, so a vocabulary is computed from these in Python."""
+        return self.sample()
+
     @property
     def global_step(self):
         with self.strategy.scope():
@@ -78,8 +83,11 @@ class PSContext(TrainContext):
     def session(self, saver: Any = None):
         """The chief restores the latest checkpoint or initialises; the others wait for it."""
         self._saver = saver or self._saver or tf.compat.v1.train.Saver(max_to_keep=3)
+        # Each worker fills its own lookup tables (a TextVectorization's vocabulary): tables
+        # are no variables, so neither the chief's init nor a restore reaches them.
         manager = tf.compat.v1.train.SessionManager(
-            ready_op=tf.compat.v1.report_uninitialized_variables(), recovery_wait_secs=0.5)
+            ready_op=tf.compat.v1.report_uninitialized_variables(), recovery_wait_secs=0.5,
+            local_init_op=tf.compat.v1.tables_initializer())
         target = self.strategy.server.target
         config = tf.compat.v1.ConfigProto(device_filters=["/job:ps", f"/job:worker/task:{self.worker_index}"])
         if self.is_chief:
