@@ -245,3 +245,19 @@ def test_after_a_kernel_restart_a_job_resumes_on_the_server_it_ran_on(connect_se
     status = subprocess.run([os.path.join(sys.prefix, "bin", "tfos"), "status", "cx_resume"], capture_output=True,
                             text=True, timeout=120, env=env)
     assert status.returncode == 0 and re.search(rf"spark:\s+{re.escape(connect_server)}\n", status.stdout), status
+
+
+def test_a_text_model_adapts_on_its_sample_and_scores_raw_strings(connect_kernel):
+    """A string column, build_model(sample) (drawn with toArrow) and Job.predict over a
+    Connect session."""
+    from test_text_images import TEXT_ETL, TEXT_MODEL
+
+    kernel, home, kind = connect_kernel
+    _ok(kernel, TEXT_ETL.replace("%%spark_etl reviews", "%%spark_etl cx_text"))
+    _ok(kernel, "%%tf_train cx_text --workers 2 --epochs 4 --batch-size 64 --label label --restart\n" + TEXT_MODEL)
+    out = _ok(kernel, "from pyspark.sql import functions as F\nfrom tfos_magic import get_job\n"
+                      "p = get_job('cx_text').predict(heldout)\nright = (F.col('prediction') > 0.5).cast('int') == "
+                      "F.col('label').cast('int')\nprint('ACCURACY', p.select(F.avg(right.cast('double'))).first()[0])")
+    accuracy = float(out.split("ACCURACY ")[1].split()[0])
+    assert accuracy >= 0.85, out
+    assert tf_processes_gone("tfos-cx_text-")
