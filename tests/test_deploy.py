@@ -72,7 +72,7 @@ def bare_kernel(spark_standalone, tfos_kernel, bare_python, tmp_path_factory):
 def packed_env(tmp_path_factory):
     """This environment packed by the real command line, as a user would."""
     out = str(tmp_path_factory.mktemp("packed") / "env.tar.gz")
-    cmd = [os.path.join(sys.prefix, "bin", "tfos"), "pack-env", out, "--compress-level", "0"]
+    cmd = [os.path.join(sys.prefix, "bin", "tfos"), "pack-env", out, "--compress-level", "1"]
     for pattern in EXCLUDES:
         cmd += ["--exclude", pattern]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
