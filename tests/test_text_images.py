@@ -95,6 +95,7 @@ def test_a_text_classifier_on_a_string_column_learns_predicts_and_serves_raw_str
         {"name": "review", "dtype": "string", "is_array": False, "lengths": "fixed"}], job._state
     accuracy = _accuracy(job.predict(shell.user_ns["heldout"]), "label", "prediction", 1)
     assert accuracy >= 0.85, accuracy
+    print(f"text: held-out accuracy {accuracy:.3f}")
     path = str(tmp_path / "served")
     job.export(path)
     texts = ["the film was great and witty", "a dull and tedious plot", "brilliant lovely music"]
@@ -145,6 +146,7 @@ def test_a_cnn_decodes_png_bytes_from_spark_s_binary_file_source_in_a_layer(shel
     job = get_job("digits")
     accuracy = _accuracy(job.predict(shell.user_ns["heldout"]), "label", "prediction", 10)
     assert accuracy >= 0.85, accuracy
+    print(f"png: held-out accuracy {accuracy:.3f}")
 
 
 SEQ_ETL = """%%spark_etl {name}
@@ -246,3 +248,51 @@ def test_parameter_servers_train_on_a_string_column_with_build_model_s_sample(sh
     assert err is None, err
     scored = get_job("reviews").predict(shell.user_ns["heldout"]).limit(20).collect()
     assert len(scored) == 20 and all(0 <= r["prediction"] <= 1 for r in scored)
+
+
+IMAGE_ETL = """%%spark_etl images
+from pyspark.sql import functions as F
+from tfos_magic.examples.digits import LABEL_FROM_PATH, write_pngs
+write_pngs(r"{folder}")
+files = spark.read.format("image").option("recursiveFileLookup", "true").load(r"{folder}")
+label = F.regexp_extract("image.origin", LABEL_FROM_PATH, 1).cast("int").alias("label")
+structs = files.select("image", label)
+rows = files.select(F.col("image.data").alias("pixels"), label, (F.abs(F.hash("image.origin")) % 5 == 0).alias("held"))
+heldout = rows.where("held").drop("held")
+rows.where("not held").drop("held").repartition(2)
+"""
+
+PIXELS_MODEL = """
+import tensorflow as tf
+
+class DecodePixels(tf.keras.layers.Layer):
+    \"\"\"The image source's data, height x width x nChannels bytes a row, as 8x8x1 floats.\"\"\"
+    def call(self, data):
+        pixels = tf.cast(tf.io.decode_raw(data, tf.uint8), tf.float32) / 255.0
+        return tf.reshape(pixels, [-1, 8, 8, 1])
+
+def build_model():
+    data = tf.keras.Input(shape=(), dtype=tf.string, name="pixels")
+    x = tf.keras.layers.Conv2D(16, 3, activation="relu", padding="same")(DecodePixels()(data))
+    x = tf.keras.layers.GlobalAveragePooling2D()(tf.keras.layers.Conv2D(32, 3, activation="relu", padding="same")(x))
+    m = tf.keras.Model(data, tf.keras.layers.Dense(10, activation="softmax")(x))
+    m.compile(optimizer=tf.keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+    return m
+"""
+
+
+def test_spark_s_image_source_trains_from_its_data_field_and_its_struct_is_refused_naming_it(shell, tmp_path):
+    """spark.read.format("image"): the struct as it comes is refused with what to select;
+    its `data` field (decoded pixels) trains a CNN that reshapes them in a layer."""
+    _, err = run(shell, IMAGE_ETL.format(folder=tmp_path / "digits"))
+    assert err is None, err
+    _, err = run(shell, "%%spark_etl structs\nstructs\n")
+    assert err is None, err
+    err = error_of(shell, "%%tf_train structs --label label\n" + PIXELS_MODEL)
+    assert err is not None and "column 'image'" in str(err) and "F.col('image.data')" in str(err), err
+    _, err = run(shell, "%%tf_train images --workers 2 --epochs 12 --batch-size 32 --label label --restart\n"
+                 + PIXELS_MODEL)
+    assert err is None, err
+    accuracy = _accuracy(get_job("images").predict(shell.user_ns["heldout"]), "label", "prediction", 10)
+    assert accuracy >= 0.85, accuracy
+    print(f"image source: held-out accuracy {accuracy:.3f}")
