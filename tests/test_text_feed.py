@@ -199,3 +199,30 @@ def test_options_parse_pad_lengths_and_a_text_fillna():
     assert opts.pad == {"tokens": 64, "events": 20} and opts.fillna == "unknown"
     with pytest.raises(Exception, match="COLUMN=LENGTH"):
         TrainOptions.__dataclass_fields__["pad"].metadata["type"]("tokens")
+
+
+def test_an_exported_ragged_input_is_its_values_and_row_splits_in_the_signature(tmp_path):
+    """A SavedModel signature takes dense tensors only: without names of our own, TensorFlow
+    flattens a ragged input into anonymous `inputs`, `inputs_1` arguments."""
+    import tensorflow as tf
+
+    from tfos_magic.job.export import export_saved_model
+
+    ids = tf.keras.Input(shape=(None,), dtype=tf.int64, ragged=True, name="ids")
+    text = tf.keras.Input(shape=(), dtype=tf.string, name="text")
+    pooled = tf.keras.layers.GlobalAveragePooling1D()(tf.keras.layers.Embedding(50, 4)(ids).to_tensor())
+    hashed = tf.keras.layers.Embedding(8, 4)(tf.keras.layers.Hashing(8)(text))
+    model = tf.keras.Model([ids, text], tf.keras.layers.Dense(1)(tf.keras.layers.Concatenate()([pooled, hashed])))
+    spec = FeedSpec([ColumnSpec("ids", "int64", True, RAGGED), ColumnSpec("text", STRING)], None, "dict")
+    path = export_saved_model(model, spec, str(tmp_path / "served"))
+
+    loaded = tf.saved_model.load(path)
+    serve = loaded.signatures["serving_default"]
+    assert sorted(serve.structured_input_signature[1]) == ["ids_row_splits", "ids_values", "text"]
+    rows = tf.ragged.constant([[1, 2, 3], [], [4]], dtype=tf.int64)
+    words = tf.constant([b"a", b"b", b"c"])
+    out = serve(ids_values=rows.values, ids_row_splits=rows.row_splits, text=words)["prediction"]
+    expected = model({"ids": rows, "text": words})
+    np.testing.assert_allclose(out.numpy(), expected.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(loaded.serve({"ids": rows, "text": words})["prediction"].numpy(), expected.numpy(),
+                               rtol=1e-5)

@@ -188,8 +188,22 @@ def build_model():
 """
 
 
+SERVE_IDS = """
+import json, sys
+import tensorflow as tf
+serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+rows = json.loads(sys.argv[2])
+if sys.argv[3] == "ragged":  # a ragged column's signature takes its values and row splits
+    ids = tf.ragged.constant(rows, dtype=tf.int64)
+    out = serve(ids_values=ids.values, ids_row_splits=ids.row_splits)
+else:
+    out = serve(ids=tf.constant([r + [0] * (24 - len(r)) for r in rows], dtype=tf.int64))
+print(json.dumps([float(v) for v in tf.reshape(out["prediction"], [-1]).numpy()]))
+"""
+
+
 @pytest.mark.parametrize("how", ["ragged", "pad"])
-def test_a_sequence_model_trains_on_variable_length_ids_over_uneven_partitions(shell, how):
+def test_a_sequence_model_trains_on_variable_length_ids_over_uneven_partitions(shell, how, tmp_path):
     name = f"seq{how}"
     _, err = run(shell, SEQ_ETL.format(name=name))
     assert err is None, err
@@ -203,6 +217,14 @@ def test_a_sequence_model_trains_on_variable_length_ids_over_uneven_partitions(s
     assert job.history[-1]["loss"] < job.history[0]["loss"] < 0.75, job.history
     scored = job.predict(shell.user_ns["sequences"]).limit(50).collect()
     assert len(scored) == 50 and all(0 <= r["prediction"] <= 1 for r in scored)
+    # The SavedModel serves the same rows in a process that never ran the cell.
+    path = str(tmp_path / "served")
+    job.export(path)
+    done = subprocess.run([sys.executable, "-c", SERVE_IDS, path, json.dumps([list(r["ids"]) for r in scored]), how],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    served = json.loads(done.stdout.strip().splitlines()[-1])
+    assert served == pytest.approx([r["prediction"] for r in scored], abs=1e-5), served
 
 
 def test_nulls_in_a_text_column_fail_naming_it_and_fillna_fills_them(shell):

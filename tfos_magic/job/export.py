@@ -30,6 +30,34 @@ def input_signature(spec: FeedSpec) -> dict[str, Any]:
     return {c.name: tensor_spec(c, spec.width(c)) for c in spec.features}
 
 
+def serving_signature(spec: FeedSpec) -> dict[str, Any]:
+    """The signature's inputs: input_signature's, with each ragged column as two dense
+    tensors, `<name>_values` and `<name>_row_splits` (int64, one more than the rows).
+    A signature takes dense tensors only (TF Serving's requests carry nothing else); given
+    a ragged spec, TensorFlow flattens it into anonymous `inputs`, `inputs_1` arguments."""
+    import tensorflow as tf
+
+    signature: dict[str, Any] = {}
+    for name, s in input_signature(spec).items():
+        if isinstance(s, tf.RaggedTensorSpec):
+            signature[f"{name}_values"] = tf.TensorSpec((None,), s.dtype, name=f"{name}_values")
+            signature[f"{name}_row_splits"] = tf.TensorSpec((None,), tf.int64, name=f"{name}_row_splits")
+        else:
+            signature[name] = s
+    return signature
+
+
+def _ragged_inputs(spec: FeedSpec, flat: dict[str, Any]) -> dict[str, Any]:
+    """serving_signature's inputs as the model takes them: each ragged column rebuilt."""
+    import tensorflow as tf
+
+    inputs = {}
+    for name, s in input_signature(spec).items():
+        inputs[name] = tf.RaggedTensor.from_row_splits(flat[f"{name}_values"], flat[f"{name}_row_splits"]) \
+            if isinstance(s, tf.RaggedTensorSpec) else flat[name]
+    return inputs
+
+
 def _named_outputs(value: Any) -> dict[str, Any]:
     """A signature returns a dict: `prediction` for one output, the model's own names for a
     dict, `output_<i>` for a list."""
@@ -58,6 +86,11 @@ def export_saved_model(model: Any, spec: FeedSpec, path: str) -> str:
     # function reads too; a SavedModel keeps only the ones something tracks.
     module.resources = [t for t in tf.train.TrackableView(model).descendants()
                         if isinstance(t, tf.saved_model.experimental.TrackableResource)]
-    module.serve = tf.function(serve)
-    tf.saved_model.save(module, path, signatures={"serving_default": module.serve.get_concrete_function(signature)})
+    module.serve = tf.function(serve)  # in Python, loaded.serve takes ragged columns as tf.RaggedTensors
+    default = module.serve.get_concrete_function(signature)
+    flat = serving_signature(spec)
+    if flat.keys() != signature.keys():
+        module.serve_flat = tf.function(lambda inputs: module.serve(_ragged_inputs(spec, inputs)))
+        default = module.serve_flat.get_concrete_function(flat)
+    tf.saved_model.save(module, path, signatures={"serving_default": default})
     return path
