@@ -39,6 +39,21 @@ def test_autograph_errors_name_the_real_exception_not_in_user_code():
     assert message.endswith("(cell line 5: raise KeyError(f'no column {x.shape}'))"), message
 
 
+def test_an_empty_batch_through_a_map_without_its_shape_gets_the_fix():
+    """A worker whose rows ran out takes zero-row batches; TF's own error names neither."""
+    import tensorflow as tf
+
+    from tfos_magic.protocol.cells import run_cell
+
+    ns = {}
+    run_cell("import tensorflow as tf\n@tf.function\ndef decode(png):\n"
+             "    return tf.map_fn(lambda b: tf.io.decode_png(b, channels=1), png, fn_output_signature=tf.uint8)\n",
+             "j", ns)
+    message = describe(_raised(lambda: ns["decode"](tf.zeros([0], tf.string))))
+    assert message.startswith("InvalidArgumentError") and "empty list" in message, message
+    assert "zero-row batches" in message and "fn_output_signature" in message and len(message) <= 1200 + 400, message
+
+
 def test_long_messages_keep_both_ends():
     text = "start " + "x" * 5000 + " end"
     short = shorten(text, 300)

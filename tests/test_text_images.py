@@ -121,8 +121,10 @@ import tensorflow as tf
 class DecodePng(tf.keras.layers.Layer):
     \"\"\"PNG bytes, one string a row, to 8x8x1 pixels in [0, 1].\"\"\"
     def call(self, png):
-        pixels = tf.map_fn(lambda b: tf.io.decode_png(b, channels=1), png, fn_output_signature=tf.uint8)
-        return tf.cast(tf.ensure_shape(pixels, [None, 8, 8, 1]), tf.float32) / 255.0
+        # A fully defined shape: a worker whose rows ran out maps zero-row batches.
+        pixels = tf.map_fn(lambda b: tf.io.decode_png(b, channels=1), png,
+                           fn_output_signature=tf.TensorSpec([8, 8, 1], tf.uint8))
+        return tf.cast(pixels, tf.float32) / 255.0
 
 def build_model():
     png = tf.keras.Input(shape=(), dtype=tf.string, name="png")

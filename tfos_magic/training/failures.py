@@ -19,6 +19,14 @@ MAX_MESSAGE = 1200
 _EXC_LINE = re.compile(r"^(?:[\w.]+\.)?([A-Z]\w*(?:Error|Exception|Failed|Exit|Interrupt)): ?(.*)$")
 _CELL_FRAME = re.compile(r'File "(<%%tf_train [^">]*>)", line (\d+), in [^\n]*\n[ \t]*([^\n]*)')
 _WRAPPERS = ("Error", "InvalidArgumentError", "UnknownError")
+# TF errors whose text does not say what in the cell to change: (a phrase in it, the fix).
+_HINTS = (
+    ("Tried to stack elements of an empty list with non-fully-defined element_shape",
+     "A batch with no rows reached a tf.map_fn or a TensorArray: a worker whose rows run out before its "
+     "peers' takes zero-row batches until the epoch ends (as TensorFlow's own multi-worker input does), "
+     "and an empty map must know its element shape. Give tf.map_fn a fully defined fn_output_signature, "
+     "e.g. tf.TensorSpec([28, 28, 1], tf.uint8), or tf.ensure_shape its function's result."),
+)
 
 
 def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
@@ -87,7 +95,8 @@ def describe(exc: BaseException) -> str:
         message = f"{name}: {_squash(text)}" if text else name
     where = cell_line(exc)
     suffix = f" (cell line {where[0]}: {where[1]})" if where else ""
-    return shorten(message, MAX_MESSAGE - len(suffix)) + suffix
+    hint = next((f" {fix}" for phrase, fix in _HINTS if phrase in str(exc)), "")
+    return shorten(message, MAX_MESSAGE - len(suffix) - len(hint)) + suffix + hint
 
 
 def failure(exc: BaseException, log_tail: str = "") -> dict[str, Any]:
