@@ -47,14 +47,13 @@ def serving_signature(spec: FeedSpec) -> dict[str, Any]:
     return signature
 
 
-def _ragged_inputs(spec: FeedSpec, flat: dict[str, Any]) -> dict[str, Any]:
+def _ragged_inputs(ragged: list[str], flat: dict[str, Any]) -> dict[str, Any]:
     """serving_signature's inputs as the model takes them: each ragged column rebuilt."""
     import tensorflow as tf
 
-    inputs = {}
-    for name, s in input_signature(spec).items():
-        inputs[name] = tf.RaggedTensor.from_row_splits(flat[f"{name}_values"], flat[f"{name}_row_splits"]) \
-            if isinstance(s, tf.RaggedTensorSpec) else flat[name]
+    inputs = dict(flat)
+    for name in ragged:
+        inputs[name] = tf.RaggedTensor.from_row_splits(inputs.pop(f"{name}_values"), inputs.pop(f"{name}_row_splits"))
     return inputs
 
 
@@ -88,9 +87,9 @@ def export_saved_model(model: Any, spec: FeedSpec, path: str) -> str:
                         if isinstance(t, tf.saved_model.experimental.TrackableResource)]
     module.serve = tf.function(serve)  # in Python, loaded.serve takes ragged columns as tf.RaggedTensors
     default = module.serve.get_concrete_function(signature)
-    flat = serving_signature(spec)
-    if flat.keys() != signature.keys():
-        module.serve_flat = tf.function(lambda inputs: module.serve(_ragged_inputs(spec, inputs)))
-        default = module.serve_flat.get_concrete_function(flat)
+    ragged = [name for name, s in signature.items() if isinstance(s, tf.RaggedTensorSpec)]
+    if ragged:
+        module.serve_flat = tf.function(lambda inputs: module.serve(_ragged_inputs(ragged, inputs)))
+        default = module.serve_flat.get_concrete_function(serving_signature(spec))
     tf.saved_model.save(module, path, signatures={"serving_default": default})
     return path

@@ -25,7 +25,7 @@ _HINTS = (
      "A batch with no rows reached a tf.map_fn or a TensorArray: a worker whose rows run out before its "
      "peers' takes zero-row batches until the epoch ends (as TensorFlow's own multi-worker input does), "
      "and an empty map must know its element shape. Give tf.map_fn a fully defined fn_output_signature, "
-     "e.g. tf.TensorSpec([28, 28, 1], tf.uint8), or tf.ensure_shape its function's result."),
+     "e.g. tf.TensorSpec([28, 28, 1], tf.uint8)."),
 )
 
 
