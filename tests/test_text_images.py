@@ -142,7 +142,7 @@ def build_model():
 def test_a_cnn_decodes_png_bytes_from_spark_s_binary_file_source_in_a_layer(shell, tmp_path):
     _, err = run(shell, DIGITS_ETL.format(folder=tmp_path / "digits"))
     assert err is None, err
-    _, err = run(shell, "%%tf_train digits --workers 2 --epochs 12 --batch-size 32 --label label --restart\n"
+    _, err = run(shell, "%%tf_train digits --workers 2 --epochs 8 --batch-size 32 --label label --restart\n"
                  + DIGITS_MODEL)
     assert err is None, err
     job = get_job("digits")
@@ -315,7 +315,7 @@ def test_spark_s_image_source_trains_from_its_data_field_and_its_struct_is_refus
     assert err is None, err
     err = error_of(shell, "%%tf_train structs --label label\n" + PIXELS_MODEL)
     assert err is not None and "column 'image'" in str(err) and "F.col('image.data')" in str(err), err
-    _, err = run(shell, "%%tf_train images --workers 2 --epochs 12 --batch-size 32 --label label --restart\n"
+    _, err = run(shell, "%%tf_train images --workers 2 --epochs 8 --batch-size 32 --label label --restart\n"
                  + PIXELS_MODEL)
     assert err is None, err
     accuracy = _accuracy(get_job("images").predict(shell.user_ns["heldout"]), "label", "prediction", 10)
