@@ -30,9 +30,11 @@ print("bound")
 def test_a_reserved_port_is_nobody_elses_until_the_tf_server_binds_it():
     """The agreed port of a TF task (a CI run once lost one to another process between the
     agreement and the bind: "Could not start gRPC server")."""
-    with ReservedPort("127.0.0.1") as reserved:
-        with socket.socket() as other, pytest.raises(OSError):
-            other.bind(("127.0.0.1", reserved.port))
+    with ReservedPort() as reserved:
+        # On every address: TF binds 0.0.0.0, which a socket on any one address would fail.
+        for address in ("127.0.0.1", "127.0.0.2", "0.0.0.0"):
+            with socket.socket() as other, pytest.raises(OSError):
+                other.bind((address, reserved.port))
         drawn = []
         for _ in range(200):
             with socket.socket() as s:

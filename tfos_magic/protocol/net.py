@@ -19,7 +19,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class ReservedPort:
-    """A port on `host` that stays ours until `close()`.
+    """A port that stays ours, on every address of this host, until `close()`.
 
     A TF task's address is agreed (barrier all-gather, ZooKeeper) seconds before its gRPC
     server binds it: TensorFlow's import and the cluster's wait lie between. A port merely
@@ -27,13 +27,17 @@ class ReservedPort:
     from the same ephemeral range), and the server fails with "Could not start gRPC server".
     This socket is bound with SO_REUSEPORT and never listens: no other bind or connect gets
     the port, while TF's server, started with TF_GRPC_REUSE_PORT=1 by the same user, binds it
-    beside this one. It receives no connections, so holding it until the task ends is free."""
+    beside this one. It receives no connections, so holding it until the task ends is free.
 
-    def __init__(self, host: str) -> None:
+    It holds the wildcard address, as TF's server binds 0.0.0.0: a port held on the task's
+    own address only was still free on the others (Spark's loopback servers draw from the
+    same range), and a socket bound there failed the server all the same."""
+
+    def __init__(self) -> None:
         self._socket = socket.socket()
         try:
             self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            self._socket.bind((host, 0))
+            self._socket.bind(("0.0.0.0", 0))
         except BaseException:
             self._socket.close()
             raise

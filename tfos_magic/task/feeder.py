@@ -145,7 +145,7 @@ def run_worker(plan: TaskPlan, batches: Iterator[pa.RecordBatch]) -> pa.RecordBa
     _check_checkpoint_dir(plan, host)
     # Started first: TensorFlow's import (seconds) overlaps the first batch and the agreement.
     # The port is held until the TF process ends: its server binds it only after the import.
-    with TFProcess(plan, "worker", index, host, gpu_env(task.resources())) as child, ReservedPort(host) as port:
+    with TFProcess(plan, "worker", index, host, gpu_env(task.resources())) as child, ReservedPort() as port:
         first, rest = _peek(batches)
         addrs, lengths = _agree_cluster(task, f"{host}:{port.port}", first, plan.feed)
         env = {}

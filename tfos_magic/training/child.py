@@ -27,7 +27,6 @@ from typing import Any
 from ..protocol.channel import REACH_HINT, SPARES_JOB, ChannelClient, hold_listener
 from ..protocol.events import make_event
 from ..protocol.logs import log_tail
-from ..protocol.net import ReservedPort
 from ..protocol.plan import FRAMEWORK_ENV, SPARE_TAKEN, SPARE_TOKEN_ENV, TaskConfig
 from .failpoints import Failpoint
 from .failures import failure

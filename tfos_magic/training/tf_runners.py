@@ -112,7 +112,7 @@ def _join_cluster(config: TaskConfig, cleanup: list[Any]) -> dict[str, list[str]
 
     registry = client_for(config.plan)
     cleanup.append(registry)  # closing it ends this task's ephemeral ZooKeeper nodes
-    port = ReservedPort(config.bind_host)  # held until the process ends: see ReservedPort
+    port = ReservedPort()  # held until the process ends: see ReservedPort
     cleanup.append(port)
     address = f"{config.bind_host}:{port.port}"
     registry.register(config.role, config.index, address)
