@@ -269,6 +269,14 @@ def test_a_peer_s_complaint_that_the_dead_worker_broke_its_collective_is_not_the
     assert str(failed).startswith("worker 1: PyTorch worker 1 crashed") and failed.retryable, failed
 
 
+def test_a_grpc_server_that_could_not_bind_its_port_is_the_cause_and_a_restart_may_cure_it(monitor):
+    """Its agreed port was taken before the server bound it: the next attempt agrees on new ones."""
+    send(monitor, "error", 1, message="UnknownError: Could not start gRPC server")
+    send(monitor, "error", 0, message="UnavailableError: Collective ops is aborted by: failed to connect")
+    failed = monitor.failed()
+    assert str(failed).startswith("worker 1: UnknownError: Could not start gRPC") and failed.retryable, failed
+
+
 def test_an_error_of_the_cell_s_own_is_never_a_peer_s_complaint(monitor):
     send(monitor, "error", 0, message="ValueError: bad label (cell line 4)")
     assert not monitor.failed().retryable

@@ -46,6 +46,16 @@ def is_secondary(message: str) -> bool:
     return bool(_SECONDARY.search(message))
 
 
+# Causes that a restart cures: a task's agreed port taken by another process before its
+# gRPC server bound it (protocol/net.py: ReservedPort); the next attempt agrees on new ports.
+_TRANSIENT = re.compile(r"Could not start gRPC server")
+
+
+def is_transient(message: str) -> bool:
+    """A task's own failure that says nothing of the cell or the data: worth a restart."""
+    return bool(_TRANSIENT.search(message))
+
+
 @dataclass(frozen=True)
 class TaskError:
     """One task's error report: the message, whether a restart may help, and where its
@@ -125,7 +135,7 @@ class RunMonitor:
                 self.stop_saved = str(event.get("path"))
             elif event.get("kind") == "error":
                 message = f"{role} {event.get('worker')}: {event.get('message')}"
-                retryable = bool(event.get("retryable")) or is_secondary(message)
+                retryable = bool(event.get("retryable")) or is_secondary(message) or is_transient(message)
                 self.errors.append(TaskError(message, retryable, event.get("details_file")))
 
     def _note_progress(self, event: dict[str, Any], role: str) -> None:
