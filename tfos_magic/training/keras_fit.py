@@ -103,8 +103,17 @@ class TfosCallback(tf.keras.callbacks.Callback):
             rate = (self.ctx.feed.rows_delivered - self._rows0) / elapsed
             self.ctx.report(step=step, rows_per_s=rate, **values)
 
+    def _report_tail(self, step: int, running: Any) -> None:
+        """The steps since the epoch's last report, as the curve's last point of the epoch:
+        without it the curve skips each epoch's tail (the last second or so, or a whole short
+        epoch), and the next epoch's first point, a step or two in, stands for it."""
+        if not isinstance(running, (int, float)) or step - self._epoch_step0 <= self._reported[0]:
+            return
+        self.ctx.report(step=step, loss=self._interval_loss(step, float(running)), loss_epoch_mean=running)
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         step = self._read_step()
+        self._report_tail(step, _python((logs or {}).get("loss")))
         elapsed = max(time.monotonic() - self._t0, 1e-9)
         if self.step_seconds is None and step - self._epoch_step0 >= MIN_TIMED_STEPS:
             self.step_seconds = elapsed / (step - self._epoch_step0)

@@ -241,6 +241,8 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
             if every and ctx.is_chief and step - last_saved >= every:
                 ctx.save(sess, int(step), epoch=epoch)
                 last_saved = step
+        if since_report[1]:  # the epoch's tail as the curve's last point of the epoch (keras_fit.py)
+            ctx.report(step=int(step), loss=since_report[0] / since_report[1], loss_epoch_mean=total / steps)
         if epoch == ctx.epochs - 1:
             # Every worker validates its last epoch with the final weights: once all are done
             # training (each marks itself finished; the chief marks itself last, after its

@@ -306,6 +306,8 @@ def fit(build_model: Callable[[], Any], ctx: TorchContext, restart: bool) -> Any
                 rate = (ctx.feed.rows_delivered - rows0) / max(time.monotonic() - t0, 1e-9)
                 ctx.report(step=step, loss=mean, rows_per_s=rate)
                 interval = [0.0, 0]
+        if interval[1]:  # the epoch's tail as the curve's last point of the epoch (keras_fit.py)
+            ctx.report(step=step, loss=interval[0] / interval[1])
         metrics: dict[str, Any] = {"loss": job_mean(epoch_loss[0], epoch_loss[1], ctx.device)}
         check_finite(metrics["loss"], step, ctx.worker_index, ctx.checkpoint_dir)
         metrics["rows_per_s"] = (ctx.feed.rows_delivered - rows0) / max(time.monotonic() - t0, 1e-9)
