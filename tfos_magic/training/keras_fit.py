@@ -112,8 +112,9 @@ class TfosCallback(tf.keras.callbacks.Callback):
         self.ctx.report(step=step, loss=self._interval_loss(step, float(running)), loss_epoch_mean=running)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        # The tail at the batches' own count, as the epoch's step events were.
+        self._report_tail(self._last_step, _python((logs or {}).get("loss")))
         step = self._read_step()
-        self._report_tail(step, _python((logs or {}).get("loss")))
         elapsed = max(time.monotonic() - self._t0, 1e-9)
         if self.step_seconds is None and step - self._epoch_step0 >= MIN_TIMED_STEPS:
             self.step_seconds = elapsed / (step - self._epoch_step0)
