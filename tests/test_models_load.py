@@ -31,7 +31,9 @@ COMMON = """import tensorflow as tf
 def dense_model(inner, loss="mse", metrics=None):
     inputs = tf.keras.Input((2,))
     model = tf.keras.Model(inputs, tf.keras.layers.Dense(1)(inner(inputs)))
-    model.compile(tf.keras.optimizers.Adam(0.01), loss=loss, metrics=metrics)
+    # 0.05: the 40 steps move a linear model well off its initial draw (at 0.01, a simulation
+    # of the linear kinds left 2% of draws with predictions flatter than the 0.05 asserted).
+    model.compile(tf.keras.optimizers.Adam(0.05), loss=loss, metrics=metrics)
     return model
 """
 KINDS = {
@@ -84,7 +86,7 @@ class Net(tf.keras.Model):
 
 def build_model():
     model = Net(8)
-    model.compile(tf.keras.optimizers.Adam(0.01), loss="mse")
+    model.compile(tf.keras.optimizers.Adam(0.05), loss="mse")
     return model
 """,
     "custom_loss": """
