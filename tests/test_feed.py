@@ -379,3 +379,17 @@ def test_a_python_source_opens_a_pass_per_iterator_and_reports_its_errors():
 
     with pytest.raises(tf.errors.OpError, match="null values"):
         list(iterator_dataset(broken, signature))
+
+
+def test_the_loss_curve_s_interval_mean_covers_each_step_once():
+    """ps mode's and PyTorch's loops: each report takes the steps since the last, and the
+    epoch's end takes its tail; nothing is left over, nothing is counted twice."""
+    from tfos_magic.training.job_context import IntervalMean
+
+    interval = IntervalMean()
+    assert interval.take() is None
+    for loss in (1.0, 2.0, 3.0):
+        interval.add(loss)
+    assert interval.take() == 2.0 and interval.steps == 0
+    interval.add(0.5)
+    assert interval.take() == 0.5 and interval.take() is None

@@ -132,3 +132,21 @@ class Throttle:
             self._last = now
             return True
         return False
+
+
+class IntervalMean:
+    """The mean loss of the steps since it was last taken: one point of the loss curve, for
+    loops that see each step's loss (ps mode, PyTorch). Each report takes it, and so does
+    the epoch's end, so that every step lies under exactly one point of the curve."""
+
+    def __init__(self) -> None:
+        self.total, self.steps = 0.0, 0
+
+    def add(self, loss: float) -> None:
+        self.total, self.steps = self.total + loss, self.steps + 1
+
+    def take(self) -> float | None:
+        """The mean since the last take (None: no step since), starting afresh."""
+        mean = self.total / self.steps if self.steps else None
+        self.total, self.steps = 0.0, 0
+        return mean

@@ -24,6 +24,7 @@ from ..protocol.paths import CHECKPOINT_PREFIX
 from ..protocol.paths import H5_MODEL_FILE as MODEL_FILE
 from . import checkpoints, model_check, model_inputs
 from .context import Throttle, TrainContext, check_finite
+from .job_context import IntervalMean
 from .stopping import StopRequested
 from .keras_fit import NO_WEIGHTS, tensorboard_installed
 
@@ -219,7 +220,7 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
         ctx.feed.epoch = epoch  # which shuffled order this pass takes
         sess.run(data.initializer)
         total, steps, rows0, t0 = 0.0, 0, ctx.feed.rows_delivered, time.monotonic()
-        since_report = [0.0, 0]  # the loss's sum and steps since the last report: the curve's interval mean
+        since_report = IntervalMean()
         while True:
             try:
                 _, value, step = sess.run([train_op, loss, step_after])
@@ -229,20 +230,20 @@ def fit(build_model: Callable[[], Any], ctx: PSContext, restart: bool) -> Any:
             if epoch == 0:
                 ctx.failpoint.hit("streaming")
             total, steps = total + float(value), steps + 1
-            since_report[0], since_report[1] = since_report[0] + float(value), since_report[1] + 1
+            since_report.add(float(value))
             if ctx.should_stop(int(step)):
                 ctx.stop_here(sess, int(step), epoch=epoch)
             if throttle():
-                interval = since_report[0] / since_report[1]
-                since_report[:] = [0.0, 0]
+                interval = since_report.take()
                 ctx.report(step=int(step), loss=interval, loss_epoch_mean=total / steps,
                            rows_per_s=(ctx.feed.rows_delivered - rows0) / (time.monotonic() - t0))
                 _scalars(board, int(step), loss=interval)
             if every and ctx.is_chief and step - last_saved >= every:
                 ctx.save(sess, int(step), epoch=epoch)
                 last_saved = step
-        if since_report[1]:  # the epoch's tail as the curve's last point of the epoch (keras_fit.py)
-            ctx.report(step=int(step), loss=since_report[0] / since_report[1], loss_epoch_mean=total / steps)
+        tail = since_report.take()  # the epoch's last steps, as its last point of the curve
+        if tail is not None:
+            ctx.report(step=int(step), loss=tail, loss_epoch_mean=total / steps)
         if epoch == ctx.epochs - 1:
             # Every worker validates its last epoch with the final weights: once all are done
             # training (each marks itself finished; the chief marks itself last, after its

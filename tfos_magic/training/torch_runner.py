@@ -37,7 +37,7 @@ from ..protocol.plan import TaskConfig
 from ..protocol import torch_model
 from . import torch_checkpoints
 from ..protocol.arrays import map_arrays, rows_of
-from .job_context import Throttle, check_finite
+from .job_context import IntervalMean, Throttle, check_finite
 from .peers import me
 from .torch_context import TorchContext
 from .torch_feed import as_tensors, zero_batch
@@ -272,7 +272,7 @@ def fit(build_model: Callable[[], Any], ctx: TorchContext, restart: bool) -> Any
             ckpt.epoch_start = step
         ctx.feed.epoch = epoch  # which shuffled order this pass takes
         rows0, t0 = ctx.feed.rows_delivered, time.monotonic()
-        epoch_loss, interval = [0.0, 0], [0.0, 0]
+        epoch_loss, interval = [0.0, 0], IntervalMean()
         batches = iter(ctx.dataloader())
         ddp.train()
         while True:
@@ -287,8 +287,7 @@ def fit(build_model: Callable[[], Any], ctx: TorchContext, restart: bool) -> Any
                 value = float(loss.detach())
                 epoch_loss[0] += value
                 epoch_loss[1] += 1
-                interval[0] += value
-                interval[1] += 1
+                interval.add(value)
             else:  # this worker's rows ran out: a step that adds nothing, so its peers' all-reduce pairs up
                 ddp(zeros[0])
                 sum((p * 0.0).sum() for p in ddp.parameters() if p.requires_grad).backward()
@@ -300,14 +299,14 @@ def fit(build_model: Callable[[], Any], ctx: TorchContext, restart: bool) -> Any
                 ctx.stop_here(ckpt, step)
             if every and step % every == 0:
                 ckpt.save(step)
-            if throttle() and interval[1]:
-                mean = interval[0] / interval[1]
+            if throttle() and interval.steps:
+                mean = interval.take()
                 check_finite(mean, step, ctx.worker_index, ctx.checkpoint_dir)
                 rate = (ctx.feed.rows_delivered - rows0) / max(time.monotonic() - t0, 1e-9)
                 ctx.report(step=step, loss=mean, rows_per_s=rate)
-                interval = [0.0, 0]
-        if interval[1]:  # the epoch's tail as the curve's last point of the epoch (keras_fit.py)
-            ctx.report(step=step, loss=interval[0] / interval[1])
+        tail = interval.take()  # the epoch's last steps, as its last point of the curve
+        if tail is not None:
+            ctx.report(step=step, loss=tail)
         metrics: dict[str, Any] = {"loss": job_mean(epoch_loss[0], epoch_loss[1], ctx.device)}
         check_finite(metrics["loss"], step, ctx.worker_index, ctx.checkpoint_dir)
         metrics["rows_per_s"] = (ctx.feed.rows_delivered - rows0) / max(time.monotonic() - t0, 1e-9)
